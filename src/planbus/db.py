@@ -1,0 +1,134 @@
+"""Database plumbing: the work pool, the LISTEN connection, and the start-up checks."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+from psycopg_pool import AsyncConnectionPool
+
+from planbus import queries
+from planbus.backoff import backoff_delay
+from planbus.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+
+def redact(dsn: str) -> str:
+    """The DSN with any password masked, fit for a log line or an error message."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn)
+
+
+def worker_name() -> str:
+    """host:pid, stored on each claim so an operator can see who holds it."""
+    import os
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def check_database(dsn: str, head: str | None) -> None:
+    """Fail fast, with what to do, when the database is unreachable or not migrated."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, autocommit=True)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"invalid database URL {redact(dsn)!r}: {exc}") from None
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigurationError(
+            f"cannot connect to the database at {redact(dsn)}: {reason}"
+        ) from None
+    async with conn:
+        ready = await (await conn.execute(queries.SCHEMA_READY)).fetchone()
+        if not ready or not ready[0]:
+            raise ConfigurationError(
+                "the database has no planbus schema: run `alembic upgrade head` first"
+            )
+        if head is not None:
+            row = await (await conn.execute("SELECT version_num FROM alembic_version")).fetchone()
+            if row is None or row[0] != head:
+                raise ConfigurationError(
+                    f"the database schema is at revision {row[0] if row else 'none'}, this "
+                    f"worker needs {head}: run `alembic upgrade head`"
+                )
+
+
+def make_pool(dsn: str, size: int) -> AsyncConnectionPool:
+    """The pool for claims, heartbeats and effects; every statement we send is atomic alone,
+    so connections run in autocommit and a write costs one round trip."""
+    kwargs: dict[str, Any] = {"autocommit": True, "application_name": "planbus"}
+    return AsyncConnectionPool(
+        dsn,
+        min_size=min(2, size),
+        max_size=size,
+        kwargs=kwargs,
+        open=False,
+        timeout=10,
+        name="planbus",
+        reconnect_timeout=0,  # keep trying while the database is away; never give up
+    )
+
+
+class ListenerState:
+    """What /healthz and the logs need to know about the LISTEN connection."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.reconnects = 0
+
+
+async def listen_forever(
+    dsn: str,
+    on_notify: Callable[[], None],
+    on_connect: Callable[[bool], Awaitable[None]],
+    state: ListenerState,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """LISTEN on a dedicated autocommit connection; reconnect with backoff, never exit.
+
+    `on_connect(reconnected)` runs after every (re)connect so the caller can catch up on
+    notifications it may have missed while disconnected.
+    """
+    failures = 0
+    started = False
+    while True:
+        try:
+            # TCP keepalives: a LISTEN connection that dies silently would cost every wake-up.
+            async with await psycopg.AsyncConnection.connect(
+                dsn,
+                autocommit=True,
+                application_name="planbus-listen",
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            ) as conn:
+                await conn.execute(queries.LISTEN)
+                state.connected = True
+                if started:
+                    state.reconnects += 1
+                    log.info("LISTEN connection reconnected after %d failed attempts", failures)
+                failures = 0
+                await on_connect(started)
+                if not started:
+                    started = True
+                    task_status.started()
+                async for _ in conn.notifies():
+                    on_notify()
+        except psycopg.OperationalError as exc:
+            state.connected = False
+            failures += 1
+            delay = backoff_delay(failures, base=0.05, cap=5.0)
+            log.warning(
+                "LISTEN connection lost (%s); reconnecting in %.2fs",
+                " ".join(str(exc).split()) or type(exc).__name__,
+                delay,
+            )
+            await anyio.sleep(delay)

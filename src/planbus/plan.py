@@ -1,0 +1,168 @@
+"""The plan step, the lead, and the one set of rules every plan must pass before it is stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NewType, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+RequestId = NewType("RequestId", int)
+LeadId = NewType("LeadId", int)
+
+ActionType = Literal[
+    "linkedin_like",
+    "linkedin_comment",
+    "linkedin_connect",
+    "linkedin_dm",
+    "email_outreach",
+    "mutual_intro",
+    "followup_message",
+    "meeting_request",
+]
+
+MAX_STEPS = 10
+MAX_CONNECT_TEXT = 200
+MAX_DELAY_DAYS = 90
+MAX_DRAFT_TEXT = 500
+
+
+class Step(BaseModel):
+    """One step of an engagement plan, exactly as the contract defines it."""
+
+    # Strict types: "4.5" or 4.5 for delay_days is a broken rule, not something to coerce.
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    step_id: StrictInt
+    action_type: ActionType
+    description: StrictStr
+    suggested_text: StrictStr | None
+    timing: StrictStr
+    delay_days: StrictInt = Field(ge=0, le=MAX_DELAY_DAYS)
+    status: Literal["pending"]
+    completed_at: None
+
+    @field_validator("description")
+    @classmethod
+    def _description_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("description must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _text_rules(self) -> Step:
+        if self.action_type == "linkedin_connect" and self.suggested_text is not None:
+            if len(self.suggested_text) > MAX_CONNECT_TEXT:
+                raise ValueError(
+                    f"a linkedin_connect text must be at most {MAX_CONNECT_TEXT} characters"
+                )
+        if self.action_type == "linkedin_comment" and self.suggested_text is not None:
+            raise ValueError("a linkedin_comment must have suggested_text null")
+        return self
+
+    @property
+    def draft_text(self) -> str:
+        """The reminder's draft: the suggested text, else the description, cut to 500."""
+        return (self.suggested_text or self.description)[:MAX_DRAFT_TEXT]
+
+
+class Plan(BaseModel):
+    """`{"steps": [...]}`: 1..10 steps, numbered 1..N, delays never decreasing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
+
+    @model_validator(mode="after")
+    def _sequence_rules(self) -> Plan:
+        for index, step in enumerate(self.steps, start=1):
+            if step.step_id != index:
+                raise ValueError(f"step_id must run 1..N in order; step {index} has {step.step_id}")
+        for earlier, later in zip(self.steps, self.steps[1:], strict=False):
+            if later.delay_days < earlier.delay_days:
+                raise ValueError(
+                    f"delay_days must never decrease; step {later.step_id} comes before "
+                    f"step {earlier.step_id}"
+                )
+        return self
+
+    def as_json(self) -> list[dict[str, Any]]:
+        """The steps with the model's fields as given, for `result.plan` and `engagement_plan`."""
+        return [step.model_dump(mode="json") for step in self.steps]
+
+
+class InvalidPlan(ValueError):
+    """A plan broke a step rule; the message names the rule in one sentence."""
+
+
+def validate_plan(data: Any) -> Plan:
+    """Validate a decoded `{"steps": [...]}` object; reject, never repair."""
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidPlan(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first broken rule as one line, e.g. `steps.2.delay_days: Input should be ...`."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "plan"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "required field is missing"
+    return f"{where}: {message}"
+
+
+def plan_json_schema() -> dict[str, Any]:
+    """The strict JSON schema sent as `response_format`, derived from the same models."""
+    step_properties: dict[str, Any] = {
+        "step_id": {"type": "integer"},
+        "action_type": {"type": "string", "enum": list(get_args(ActionType))},
+        "description": {"type": "string"},
+        "suggested_text": {"type": ["string", "null"]},
+        "timing": {"type": "string"},
+        "delay_days": {"type": "integer"},
+        "status": {"type": "string", "enum": ["pending"]},
+        "completed_at": {"type": "null"},
+    }
+    assert set(step_properties) == set(Step.model_fields), "schema drifted from Step"
+    return {
+        "type": "object",
+        "properties": {
+            "steps": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": step_properties,
+                    "required": list(step_properties),
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["steps"],
+        "additionalProperties": False,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Lead:
+    """The lead fields a planner may use; every text field may be missing."""
+
+    id: LeadId
+    telegram_id: int
+    prospect_name: str | None = None
+    prospect_title: str | None = None
+    prospect_company: str | None = None
+    prospect_analysis: str | None = None
+    closing_strategy: str | None = None
+    original_context: str | None = None
+    web_research: str | None = None

@@ -1,0 +1,170 @@
+"""Every statement the worker sends at run time, in the order a request meets them.
+
+Table definitions live only in the alembic revisions. Each write to a claimed request is fenced
+by its `claim_token`: a worker whose claim was recovered by the sweep and handed to another
+worker matches no row, so it writes nothing.
+"""
+
+from typing import LiteralString
+
+LISTEN_CHANNEL: LiteralString = "plan_requests"
+EVENTS_CHANNEL: LiteralString = "plan_request_events"
+LISTEN: LiteralString = "LISTEN plan_requests"
+
+# Claim up to %(limit)s due requests in one statement, and load their leads with them.
+# ARRAY(...) evaluates the locking subquery exactly once; IN (subquery) may not.
+CLAIM: LiteralString = """
+WITH claimed AS (
+    UPDATE plan_requests AS r
+       SET status           = 'processing',
+           attempts         = r.attempts + 1,
+           claim_token      = gen_random_uuid(),
+           worker_id        = %(worker_id)s::text,
+           claimed_at       = now(),
+           lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+           updated_at       = now()
+     WHERE r.id = ANY (ARRAY(
+               SELECT id FROM plan_requests
+                WHERE status = 'pending' AND run_after <= now()
+                ORDER BY run_after, id
+                LIMIT %(limit)s
+                  FOR UPDATE SKIP LOCKED))
+ RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.claim_token, r.created_at, r.claimed_at
+)
+SELECT c.id, c.lead_id, c.telegram_id, c.attempts, c.claim_token,
+       extract(epoch FROM c.claimed_at - c.created_at)::float8 AS waited_seconds,
+       l.id IS NOT NULL AS lead_found, l.telegram_id AS lead_telegram_id,
+       l.prospect_name, l.prospect_title, l.prospect_company, l.prospect_analysis,
+       l.closing_strategy, l.original_context, l.web_research
+  FROM claimed AS c
+  LEFT JOIN lead_registry AS l ON l.id = c.lead_id
+ ORDER BY c.id
+"""
+
+# When the next pending request becomes due, so the claim loop can sleep exactly that long.
+NEXT_DUE: LiteralString = """
+SELECT extract(epoch FROM min(run_after) - now())::float8
+  FROM plan_requests
+ WHERE status = 'pending' AND run_after > now()
+"""
+
+# One statement extends every claim this process holds; it returns the ids still held.
+HEARTBEAT: LiteralString = """
+UPDATE plan_requests AS r
+   SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held (id, claim_token)
+ WHERE r.id = held.id AND r.claim_token = held.claim_token AND r.status = 'processing'
+RETURNING r.id
+"""
+
+# The effects of a completed request: one statement, so one snapshot, one now(), one commit.
+# Every CTE joins `done`, so when the claim is no longer ours nothing at all is written.
+COMPLETE: LiteralString = """
+WITH done AS (
+    UPDATE plan_requests
+       SET status = 'completed',
+           result = jsonb_build_object('plan', %(plan)s::jsonb, 'step_count', %(step_count)s::int),
+           last_error = NULL,
+           claim_token = NULL,
+           lease_expires_at = NULL,
+           finished_at = now(),
+           updated_at = now()
+     WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
+ RETURNING id, lead_id, telegram_id
+), steps AS (
+    SELECT s.step_id, s.delay_days, s.draft_text
+      FROM jsonb_to_recordset(%(reminders)s::jsonb)
+        AS s (step_id integer, delay_days integer, draft_text text)
+), lead AS (
+    UPDATE lead_registry AS l
+       SET engagement_plan = %(plan)s::jsonb,
+           next_followup = now() + make_interval(days => (SELECT min(delay_days) FROM steps)),
+           updated_at = now()
+      FROM done
+     WHERE l.id = done.lead_id
+), cancelled AS (
+    UPDATE scheduled_reminders AS sr
+       SET status = 'cancelled', updated_at = now()
+      FROM done
+     WHERE sr.lead_id = done.lead_id AND sr.status IN ('pending', 'sent')
+), scheduled AS (
+    INSERT INTO scheduled_reminders (lead_id, telegram_id, step_id, due_at, status, draft_text)
+    SELECT done.lead_id, done.telegram_id, steps.step_id,
+           now() + make_interval(days => steps.delay_days), 'pending', steps.draft_text
+      FROM done, steps
+)
+SELECT pg_notify('plan_request_events', json_build_object(
+           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', 'completed')::text)
+  FROM done
+"""
+
+# A failed attempt: back to `pending` after a delay, or `failed` for good. Fenced like COMPLETE.
+# The event is sent only for `failed`, the terminal transition.
+GIVE_BACK: LiteralString = """
+WITH given AS (
+    UPDATE plan_requests
+       SET status = %(status)s::text,
+           result = CASE WHEN %(status)s::text = 'failed'
+                         THEN jsonb_build_object('error', %(error)s::text) ELSE result END,
+           last_error = %(error)s::text,
+           run_after = now() + make_interval(secs => %(delay_seconds)s),
+           claim_token = NULL,
+           lease_expires_at = NULL,
+           worker_id = NULL,
+           finished_at = CASE WHEN %(status)s::text = 'failed' THEN now() END,
+           updated_at = now()
+     WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
+ RETURNING id, lead_id, telegram_id, status
+)
+SELECT status, CASE WHEN status = 'failed' THEN pg_notify('plan_request_events', json_build_object(
+           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text) END
+  FROM given
+"""
+
+# Graceful shutdown: unfinished claims go back to `pending`, due at once, without an error.
+HAND_BACK: LiteralString = """
+UPDATE plan_requests AS r
+   SET status = 'pending', claim_token = NULL, lease_expires_at = NULL, worker_id = NULL,
+       run_after = now(), updated_at = now()
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held (id, claim_token)
+ WHERE r.id = held.id AND r.claim_token = held.claim_token AND r.status = 'processing'
+RETURNING r.id
+"""
+
+# The fallback sweep: claims whose lease ran out (their worker died or froze) go back to
+# `pending`, or to `failed` once their attempts are spent. Rows from an older deployment that
+# are `processing` without any lease count as expired.
+RECOVER_EXPIRED: LiteralString = """
+WITH expired AS (
+    SELECT id FROM plan_requests
+     WHERE status = 'processing' AND (lease_expires_at IS NULL OR lease_expires_at < now())
+       FOR UPDATE SKIP LOCKED
+), recovered AS (
+    UPDATE plan_requests AS r
+       SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+           result = CASE WHEN r.attempts >= %(max_attempts)s
+                         THEN jsonb_build_object('error', %(lost_error)s::text) ELSE r.result END,
+           last_error = %(lost_error)s::text,
+           claim_token = NULL,
+           lease_expires_at = NULL,
+           worker_id = NULL,
+           run_after = now(),
+           finished_at = CASE WHEN r.attempts >= %(max_attempts)s THEN now() END,
+           updated_at = now()
+      FROM expired
+     WHERE r.id = expired.id
+ RETURNING r.id, r.lead_id, r.telegram_id, r.status, r.attempts
+)
+SELECT id, status, attempts,
+       CASE WHEN status = 'failed' THEN pg_notify('plan_request_events', json_build_object(
+           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text) END
+  FROM recovered
+"""
+
+# Start-up check: the schema this worker needs is in place.
+SCHEMA_READY: LiteralString = """
+SELECT to_regclass('public.plan_requests') IS NOT NULL
+   AND EXISTS (SELECT 1 FROM information_schema.columns
+                WHERE table_schema = 'public' AND table_name = 'plan_requests'
+                  AND column_name = 'claim_token')
+"""

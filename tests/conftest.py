@@ -1,0 +1,141 @@
+"""Test fixtures: one real PostgreSQL per session, a fresh database per test from a template.
+
+The server is the embedded one (started here, in a temporary folder), or the server named by
+PLANBUS_TEST_DATABASE_URL. The schema is migrated once into a template database; each test gets
+`CREATE DATABASE ... TEMPLATE` and drops it `WITH (FORCE)` afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from planbus import migrate
+from planbus.embedded import EmbeddedPostgres
+from tests.helpers import Database
+
+TEMPLATE = "planbus_test_template"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class TestServer:
+    """The session's PostgreSQL server: make databases on it, restart it."""
+
+    def __init__(self, admin_dsn: str, embedded: EmbeddedPostgres | None) -> None:
+        self.admin_dsn = admin_dsn
+        self.embedded = embedded
+
+    def dsn(self, dbname: str) -> str:
+        return make_conninfo(self.admin_dsn, dbname=dbname)
+
+    def execute(self, statement: sql.Composed) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def create_database(self, template: str | None = None) -> str:
+        name = f"planbus_test_{uuid.uuid4().hex[:12]}"
+        if template:
+            self.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        else:
+            self.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+    def restart(self) -> None:
+        if self.embedded is None:
+            pytest.skip("restarting needs the embedded server (PLANBUS_TEST_DATABASE_URL is set)")
+        self.embedded.restart()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[TestServer]:
+    given = os.environ.get("PLANBUS_TEST_DATABASE_URL")
+    if given:
+        yield TestServer(given, None)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="planbus-test-"))
+    # Durability is not under test; speed is welcome.
+    server = EmbeddedPostgres(
+        folder / "pgdata",
+        settings={
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "300",
+        },
+    )
+    server.start()
+    try:
+        yield TestServer(server.dsn, server)
+    finally:
+        server.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server: TestServer) -> Iterator[str]:
+    pg_server.drop_database(TEMPLATE)
+    name = TEMPLATE
+    pg_server.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    migrate.upgrade(pg_server.dsn(name))
+    yield name
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def database_url(pg_server: TestServer, template_database: str) -> Iterator[str]:
+    """A freshly migrated database of this test's own."""
+    name = pg_server.create_database(template_database)
+    yield pg_server.dsn(name)
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def empty_database_url(pg_server: TestServer) -> Iterator[str]:
+    """An empty database (nothing migrated) of this test's own."""
+    name = pg_server.create_database()
+    yield pg_server.dsn(name)
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        yield Database(conn, database_url)
+
+
+def settings_for(database_url: str, **overrides: Any) -> dict[str, Any]:
+    """Worker settings suited to tests: template planner, quick retries."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "planner": "template",
+        "concurrency": 8,
+        "lease_seconds": 5.0,
+        "sweep_seconds": 60.0,
+        "retry_base_seconds": 0.05,
+        "retry_max_seconds": 0.2,
+        "shutdown_grace_seconds": 5.0,
+        "pool_size": 4,
+    }
+    values.update(overrides)
+    return values
