@@ -34,6 +34,8 @@ def anyio_backend() -> str:
 class TestServer:
     """The session's PostgreSQL server: make databases on it, restart it."""
 
+    __test__ = False  # a fixture's type, not a test class
+
     def __init__(self, admin_dsn: str, embedded: EmbeddedPostgres | None) -> None:
         self.admin_dsn = admin_dsn
         self.embedded = embedded
@@ -120,8 +122,12 @@ def empty_database_url(pg_server: TestServer) -> Iterator[str]:
 
 @pytest.fixture
 async def database(database_url: str) -> AsyncIterator[Database]:
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        yield Database(conn, database_url)
+    conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    db = Database(conn, database_url)
+    try:
+        yield db
+    finally:
+        await db.conn.close()  # the test may have replaced it (see Database.reconnect)
 
 
 def settings_for(database_url: str, **overrides: Any) -> dict[str, Any]:

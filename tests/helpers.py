@@ -26,6 +26,11 @@ class Database:
         self.conn = conn
         self.url = url
 
+    async def reconnect(self) -> None:
+        """Replace the connection, e.g. after the server restarted."""
+        await self.conn.close()
+        self.conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+
     async def fetchall(self, query: Any, params: Any = None) -> list[dict[str, Any]]:
         cursor = self.conn.cursor(row_factory=dict_row)
         await cursor.execute(query, params)
@@ -118,6 +123,16 @@ async def wait_until(
     raise AssertionError(f"timed out after {within}s waiting for {what}; last seen: {last}")
 
 
+async def eventually(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Poll an in-process condition (e.g. a worker's state) until true, or fail."""
+    with anyio.move_on_after(within):
+        while True:
+            if predicate():
+                return
+            await anyio.sleep(0.02)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
 class Events:
     """Collects `plan_request_events` payloads from a LISTEN connection of its own."""
 
@@ -158,15 +173,24 @@ async def listening_events(url: str) -> AsyncIterator[Events]:
 
 @asynccontextmanager
 async def running_worker(
-    url: str, planner: Planner | None = None, **overrides: Any
+    url: str, planner: Planner | str | None = None, **overrides: Any
 ) -> AsyncIterator[Worker]:
-    """Run a real Worker (its own pool and LISTEN connection) until the block ends."""
+    """Run a real Worker (its own pool and LISTEN connection) until the block ends.
+
+    `planner` is a Planner object, or a planner name (e.g. "openai") built from the settings
+    the way `python -m planbus.listen` builds it, and closed afterwards.
+    """
     from tests.conftest import settings_for
 
+    if isinstance(planner, str):
+        overrides["planner"], planner = planner, None
     settings = load_settings(settings_for(url, **overrides))
+    owned: Planner | None = None
+    if planner is None:
+        planner = owned = make_planner(settings)
     pool = db.make_pool(url, settings.pool_size)
     await pool.open(wait=True, timeout=10)
-    worker = Worker(settings, url, pool, planner or make_planner(settings), "test-worker")
+    worker = Worker(settings, url, pool, planner, "test-worker")
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
@@ -176,3 +200,5 @@ async def running_worker(
                 worker.stop()
     finally:
         await pool.close()
+        if owned is not None:
+            await owned.aclose()
