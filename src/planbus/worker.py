@@ -71,17 +71,23 @@ class Worker:
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
         self._stopping = False
         self._idle = anyio.Event()
+        self._starting = anyio.CancelScope()
 
     def stop(self) -> None:
         """Claim nothing new; `run` then drains in-flight requests and returns."""
         self._stopping = True
         self._wakeup.set()
+        self._starting.cancel()  # still waiting for the first LISTEN connection: give up
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as background:
-            await background.start(
-                listen_forever, self.dsn, self._on_notify, self._on_connect, self.listener
-            )
+            with self._starting:
+                await background.start(
+                    listen_forever, self.dsn, self._on_notify, self._on_connect, self.listener
+                )
+            if self._stopping:
+                background.cancel_scope.cancel()
+                return
             background.start_soon(self._heartbeat_loop)
             background.start_soon(self._sweep_loop)
             log.info(
