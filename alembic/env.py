@@ -29,6 +29,11 @@ def _dsn() -> str:
 
 def run_migrations_online() -> None:
     dsn = _dsn()
+    try:
+        psycopg.connect(dsn, connect_timeout=10).close()
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())
+        sys.exit(f"planbus: cannot connect to the database to migrate it: {reason}")
     engine = create_engine(
         "postgresql+psycopg://",
         creator=lambda: psycopg.connect(dsn),
