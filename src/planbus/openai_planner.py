@@ -1,0 +1,251 @@
+"""The openai planner: one Chat Completions call per attempt, through the official SDK.
+
+Retries belong to the worker, not to the SDK (`max_retries=0`): every failure comes back here
+at once, is converted into `TransientError` or `PermanentError`, and the worker decides when
+(and whether) to try again. So one request costs at most `PLANBUS_MAX_ATTEMPTS` calls, and a
+struggling server never sees the SDK's retries multiplied by planbus's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import openai
+from openai import AsyncOpenAI
+
+from planbus.errors import ConfigurationError, PermanentError, PlanningError, TransientError
+from planbus.plan import InvalidPlan, Lead, Plan, plan_json_schema, validate_plan
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+    from openai.types.chat.completion_create_params import ResponseFormat
+
+    from planbus.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INVALID_OUTPUT = "The model's output was invalid"
+
+# Characters of each lead field sent to the model, so that a 1 MB `web_research` never exceeds
+# a model's context: at most 6 x 4,000 + 12,000 = 36,000 characters (about 9,000 tokens).
+FIELD_BUDGET = 4_000
+WEB_RESEARCH_BUDGET = 12_000
+CUT_MARK = " [...cut]"
+
+LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = (
+    ("prospect_name", "Name", FIELD_BUDGET),
+    ("prospect_title", "Title", FIELD_BUDGET),
+    ("prospect_company", "Company", FIELD_BUDGET),
+    ("prospect_analysis", "Analysis of the prospect", FIELD_BUDGET),
+    ("closing_strategy", "Closing strategy", FIELD_BUDGET),
+    ("original_context", "Original context", FIELD_BUDGET),
+    ("web_research", "Web research", WEB_RESEARCH_BUDGET),
+)
+
+# Statuses worth another attempt besides 429 and 5xx (the SDK's own retry rule).
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+JSON_MODE: ResponseFormat = {"type": "json_object"}
+
+
+class OpenAIPlanner:
+    """Asks an OpenAI-compatible server for `{"steps": [...]}` and validates the answer."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        self.model = settings.model
+        self.timeout = settings.llm_timeout_seconds
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        try:
+            # Base URL from OPENAI_BASE_URL, key from OPENAI_API_KEY: the way the SDK reads them.
+            self._client = AsyncOpenAI(api_key=key, timeout=self.timeout, max_retries=0)
+        except openai.OpenAIError:
+            raise ConfigurationError(
+                "the openai planner needs OPENAI_API_KEY (any non-empty value for a server "
+                "without keys, such as a local Ollama); or set PLANBUS_PLANNER=template"
+            ) from None
+        self._secret = self._client.api_key
+        schema = plan_json_schema()
+        self._system_prompt = load_prompt()
+        self._json_mode_prompt = (
+            f"{self._system_prompt}\nAnswer with one JSON object that matches this JSON "
+            f"Schema:\n{json.dumps(schema)}\n"
+        )
+        self._schema_format: ResponseFormat = {
+            "type": "json_schema",
+            "json_schema": {"name": "engagement_plan", "strict": True, "schema": schema},
+        }
+        self._json_schema_supported = True
+
+    async def plan(self, lead: Lead) -> Plan:
+        try:
+            content = await self._ask(lead)
+        except (openai.OpenAIError, TimeoutError) as exc:
+            raise self._planning_error(exc) from None
+        return parse_plan(content)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def _ask(self, lead: Lead) -> str:
+        user = user_message(lead)
+        if self._json_schema_supported:
+            try:
+                return await self._complete(self._system_prompt, user, self._schema_format)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                if not _rejects_json_schema(exc):
+                    raise
+                self._fall_back_to_json_mode(exc)
+        return await self._complete(self._json_mode_prompt, user, JSON_MODE)
+
+    async def _complete(self, system: str, user: str, response_format: ResponseFormat) -> str:
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+        ]
+        # The SDK's timeout bounds each network wait; this bounds the whole call.
+        with anyio.fail_after(self.timeout):
+            completion = await self._client.chat.completions.create(
+                model=self.model, messages=messages, response_format=response_format
+            )
+        return _content(completion)
+
+    def _fall_back_to_json_mode(self, exc: openai.APIStatusError) -> None:
+        if self._json_schema_supported:
+            self._json_schema_supported = False
+            log.warning(
+                "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); "
+                "using JSON mode plus validation from now on",
+                exc.status_code,
+                _server_detail(exc, self._secret) or "no details",
+            )
+
+    def _planning_error(self, exc: BaseException) -> PlanningError:
+        """One plain sentence for `result.error`: no traceback, never the API key."""
+        if isinstance(exc, TimeoutError | openai.APITimeoutError):
+            return TransientError(f"The LLM call timed out after {self.timeout:g} s.")
+        if isinstance(exc, openai.APIConnectionError):
+            return TransientError("Could not connect to the LLM server.")
+        if isinstance(exc, openai.APIResponseValidationError):
+            return TransientError(f"{INVALID_OUTPUT}: the server's answer could not be read.")
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            if status in (401, 403):
+                return PermanentError(f"The LLM credentials were refused (HTTP {status}).")
+            wait = retry_after_seconds(exc.response.headers, dt.datetime.now(dt.UTC))
+            if status == 429:
+                return TransientError("The LLM server is rate limiting (HTTP 429).", wait)
+            if status >= 500 or status in RETRYABLE_STATUSES:
+                return TransientError(
+                    f"The LLM server answered with an error (HTTP {status}).", wait
+                )
+            detail = _server_detail(exc, self._secret)
+            return PermanentError(
+                f"The LLM server rejected the request (HTTP {status})"
+                + (f": {detail}." if detail else ".")
+            )
+        return TransientError(f"The LLM call failed ({type(exc).__name__}).")
+
+
+def load_prompt() -> str:
+    """The system prompt, from the package data file `prompts/engagement_plan.md`."""
+    prompt = resources.files("planbus").joinpath("prompts/engagement_plan.md")
+    return prompt.read_text(encoding="utf-8")
+
+
+def user_message(lead: Lead) -> str:
+    """The lead's fields that are present, each cut to its budget."""
+    sections = []
+    for field, heading, budget in LEAD_SECTIONS:
+        text = (getattr(lead, field) or "").strip()
+        if text:
+            sections.append(f"## {heading}\n{cut(text, budget)}")
+    if not sections:
+        sections.append("(No information about the prospect was given.)")
+    return "Write the engagement plan for this prospect.\n\n" + "\n\n".join(sections)
+
+
+def cut(text: str, budget: int) -> str:
+    """`text` if it fits in `budget` characters, else its start and a visible mark."""
+    if len(text) <= budget:
+        return text
+    return text[: budget - len(CUT_MARK)] + CUT_MARK
+
+
+def parse_plan(content: str) -> Plan:
+    """Decode and validate the model's answer; an invalid one is worth another attempt."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise TransientError(
+            f"{INVALID_OUTPUT}: it is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})."
+        ) from None
+    try:
+        return validate_plan(data)
+    except InvalidPlan as exc:
+        raise TransientError(f"{INVALID_OUTPUT}: {str(exc).rstrip('.')}.") from None
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: dt.datetime) -> float | None:
+    """The wait a server asked for: `retry-after-ms`, else `Retry-After` (seconds or a date)."""
+    milliseconds = _number(headers.get("retry-after-ms"))
+    if milliseconds is not None:
+        return milliseconds / 1000
+    value = headers.get("retry-after")
+    seconds = _number(value)
+    if seconds is not None or not value:
+        return seconds
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and 0 <= number < float("inf") else None
+
+
+def _content(completion: ChatCompletion) -> str:
+    # OpenAI-compatible servers vary: read defensively, and call anything unusable invalid.
+    choices = getattr(completion, "choices", None) or []
+    message = getattr(choices[0], "message", None) if choices else None
+    content = getattr(message, "content", None)
+    reason = getattr(choices[0], "finish_reason", None) if choices else None
+    if reason == "length":
+        raise TransientError(f"{INVALID_OUTPUT}: the answer was cut off at the length limit.")
+    if isinstance(content, str):
+        return content
+    why = f"finish_reason {reason}" if reason else "no choices"
+    raise TransientError(f"{INVALID_OUTPUT}: the answer had no message content ({why}).")
+
+
+def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
+    """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
+    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+    return "json_schema" in text or "response_format" in text
+
+
+def _server_detail(exc: openai.APIStatusError, secret: str) -> str:
+    """The server's own error message, as one short line without the API key."""
+    body: Any = exc.body
+    message = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(message, str):
+        return ""
+    if secret:
+        message = message.replace(secret, "[redacted]")
+    return cut(" ".join(message.split()), 200).rstrip(".")
