@@ -90,8 +90,8 @@ class Plan(BaseModel):
         for earlier, later in zip(self.steps, self.steps[1:], strict=False):
             if later.delay_days < earlier.delay_days:
                 raise ValueError(
-                    f"delay_days must never decrease; step {later.step_id} comes before "
-                    f"step {earlier.step_id}"
+                    f"delay_days must never decrease, but step {later.step_id} has "
+                    f"{later.delay_days} after {earlier.delay_days} in step {earlier.step_id}"
                 )
         return self
 
@@ -119,6 +119,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     message = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "required field is missing"
+    elif first["type"] == "model_type":
+        message = "expected a JSON object"
     return f"{where}: {message}"
 
 
