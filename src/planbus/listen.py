@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 import anyio
 from anyio.abc import TaskStatus
 
-from planbus import db, logs, migrate
+from planbus import db, logs, metrics, migrate
 from planbus.embedded import EmbeddedPostgres
 from planbus.errors import ConfigurationError
 from planbus.planner import make_planner
@@ -36,6 +36,8 @@ async def serve(settings: Settings) -> None:
         worker = Worker(settings, dsn, pool, planner, db.worker_name())
         async with anyio.create_task_group() as tg:
             await tg.start(stop_on_signals, worker)
+            if settings.metrics_port:
+                await tg.start(metrics.serve, worker, settings.metrics_host, settings.metrics_port)
             await worker.run()
             tg.cancel_scope.cancel()
     log.info("stopped")

@@ -28,6 +28,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def request_fields(
+    request_id: int, lead_id: int, attempt: int, outcome: str, duration_ms: float | None = None
+) -> dict[str, Any]:
+    """The `extra=` of a request's state-change line: what `--log-format json` shows as fields."""
+    return {
+        "request_id": request_id,
+        "lead_id": lead_id,
+        "attempt": attempt,
+        "outcome": outcome,
+        "duration_ms": None if duration_ms is None else round(duration_ms, 3),
+    }
+
+
 def configure(fmt: str = "text", level: str = "INFO") -> None:
     """Send planbus's logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)

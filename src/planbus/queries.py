@@ -155,7 +155,7 @@ WITH expired AS (
      WHERE r.id = expired.id
  RETURNING r.id, r.lead_id, r.telegram_id, r.status, r.attempts
 )
-SELECT id, status, attempts,
+SELECT id, lead_id, status, attempts,
        CASE WHEN status = 'failed' THEN pg_notify('plan_request_events', json_build_object(
            'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text) END
   FROM recovered
@@ -167,4 +167,109 @@ SELECT to_regclass('public.plan_requests') IS NOT NULL
    AND EXISTS (SELECT 1 FROM information_schema.columns
                 WHERE table_schema = 'public' AND table_name = 'plan_requests'
                   AND column_name = 'claim_token')
+"""
+
+# -- metrics and operator commands (`python -m planbus`) ----------------------------------------
+
+# Queue depth and oldest pending age, read at scrape time; both use the partial pending index.
+QUEUE_STATS: LiteralString = """
+SELECT (SELECT count(*) FROM plan_requests WHERE status = 'pending'),
+       (SELECT extract(epoch FROM now() - min(created_at))::float8
+          FROM plan_requests WHERE status = 'pending')
+"""
+
+STATUS_COUNTS: LiteralString = "SELECT status, count(*) FROM plan_requests GROUP BY status"
+
+STATUS_OLDEST_PENDING: LiteralString = """
+SELECT id, lead_id, attempts,
+       extract(epoch FROM now() - created_at)::float8 AS age_seconds,
+       greatest(extract(epoch FROM run_after - now()), 0)::float8 AS due_in_seconds
+  FROM plan_requests
+ WHERE status = 'pending'
+ ORDER BY created_at, id
+ LIMIT 1
+"""
+
+STATUS_PROCESSING: LiteralString = """
+SELECT id, lead_id, attempts, worker_id, lease_expires_at,
+       extract(epoch FROM lease_expires_at - now())::float8 AS lease_expires_in_seconds,
+       extract(epoch FROM now() - claimed_at)::float8 AS running_seconds
+  FROM plan_requests
+ WHERE status = 'processing'
+ ORDER BY id
+ LIMIT %(limit)s
+"""
+
+STATUS_RECENT_FAILURES: LiteralString = """
+SELECT id, lead_id, attempts, coalesce(finished_at, updated_at) AS failed_at,
+       coalesce(result ->> 'error', last_error) AS error
+  FROM plan_requests
+ WHERE status = 'failed' AND coalesce(finished_at, updated_at) > now() - interval '1 hour'
+ ORDER BY failed_at DESC, id DESC
+ LIMIT %(limit)s
+"""
+
+# Failed requests back to `pending`, due now, attempts reset; the error is kept as a note.
+# Only the newest failure of a lead, and only for a lead with no active request, since a lead
+# may have one `pending`/`processing` request at a time. The requeue trigger sends NOTIFY.
+RETRY_FAILED: LiteralString = """
+WITH chosen AS (
+    SELECT DISTINCT ON (f.lead_id) f.id
+      FROM plan_requests AS f
+     WHERE f.status = 'failed'
+       AND (%(ids)s::bigint[] IS NULL OR f.id = ANY (%(ids)s::bigint[]))
+       AND (%(since_seconds)s::float8 IS NULL
+            OR coalesce(f.finished_at, f.updated_at)
+               >= now() - make_interval(secs => %(since_seconds)s::float8))
+       AND NOT EXISTS (SELECT 1 FROM plan_requests AS a
+                        WHERE a.lead_id = f.lead_id AND a.status IN ('pending', 'processing'))
+     ORDER BY f.lead_id, f.id DESC
+)
+UPDATE plan_requests AS r
+   SET status = 'pending',
+       attempts = 0,
+       run_after = now(),
+       last_error = coalesce(r.result ->> 'error', r.last_error),
+       result = jsonb_build_object('previous_error', coalesce(r.result ->> 'error', r.last_error)),
+       claim_token = NULL,
+       lease_expires_at = NULL,
+       worker_id = NULL,
+       finished_at = NULL,
+       updated_at = now()
+  FROM chosen
+ WHERE r.id = chosen.id AND r.status = 'failed'
+RETURNING r.id, r.lead_id, r.last_error
+"""
+
+REQUEST_STATUSES: LiteralString = (
+    "SELECT id, status FROM plan_requests WHERE id = ANY (%(ids)s::bigint[]) ORDER BY id"
+)
+
+# A request the way the TMA inserts one; telegram_id defaults to the lead's owner.
+INSERT_REQUEST: LiteralString = """
+INSERT INTO plan_requests (lead_id, telegram_id)
+SELECT id, coalesce(%(telegram_id)s::bigint, telegram_id)
+  FROM lead_registry
+ WHERE id = %(lead_id)s
+RETURNING id, status
+"""
+
+ACTIVE_REQUEST: LiteralString = """
+SELECT id, status FROM plan_requests
+ WHERE lead_id = %(lead_id)s AND status IN ('pending', 'processing')
+ ORDER BY id DESC
+ LIMIT 1
+"""
+
+REQUEST_ROW: LiteralString = """
+SELECT id, lead_id, telegram_id, status, attempts, result
+  FROM plan_requests
+ WHERE id = %(id)s
+"""
+
+INSERT_DEMO_LEAD: LiteralString = """
+INSERT INTO lead_registry (telegram_id, prospect_name, prospect_title, prospect_company,
+                           prospect_analysis, closing_strategy)
+VALUES (%(telegram_id)s, %(name)s, %(title)s, %(company)s, %(analysis)s, %(strategy)s)
+RETURNING id
 """

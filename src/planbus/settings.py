@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     pool_size: int = Field(default=8, ge=1, le=100)
     data_dir: Path = Path(".planbus/postgres")
+    # /metrics and /healthz; 0 means off. All interfaces by default, so Prometheus can scrape.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
     )
@@ -66,6 +69,7 @@ FLAGS: dict[str, type] = {
     "planner": str,
     "model": str,
     "llm_timeout_seconds": float,
+    "metrics_port": int,  # beyond the contract: the operator's metrics and health endpoint
 }
 
 

@@ -23,12 +23,16 @@ from planbus.backoff import backoff_delay
 from planbus.db import ListenerState, listen_forever
 from planbus.effects import Claim, Outcome
 from planbus.errors import PermanentError, PlanningError, TransientError
+from planbus.logs import request_fields
+from planbus.metrics import WorkerMetrics
 from planbus.planner import Planner
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
 
 WORKER_LOST = "The worker processing this request stopped responding before it finished."
+# The outcome of an attempt as logs and metrics name it; `pending` means a retry is scheduled.
+OUTCOME_LABELS = {"completed": "completed", "pending": "retry", "failed": "failed", "lost": "lost"}
 
 
 class Wakeup:
@@ -65,6 +69,7 @@ class Worker:
         self.planner = planner
         self.worker_id = worker_id
         self.listener = ListenerState()
+        self.metrics = WorkerMetrics(self.listener, lambda: len(self.inflight))
         self.inflight: dict[int, Claim] = {}
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
@@ -158,7 +163,11 @@ class Worker:
                 claim.lead_id,
                 claim.attempt,
                 claim.waited_seconds * 1000,
+                extra=request_fields(
+                    claim.id, claim.lead_id, claim.attempt, "claimed", claim.waited_seconds * 1000
+                ),
             )
+            self.metrics.claimed(claim.attempt, claim.waited_seconds)
         return claims
 
     async def _learn_next_due(self) -> None:
@@ -198,6 +207,7 @@ class Worker:
                 error = TransientError(f"Unexpected error while planning ({type(exc).__name__}).")
         if claim.lost:
             self._release(claim)
+            self.metrics.finished("lost", time.monotonic() - claim.started, error)
             return
         claim.writing = True
         with anyio.CancelScope(shield=True):
@@ -241,21 +251,29 @@ class Worker:
 
     def _log_outcome(self, claim: Claim, outcome: Outcome, error: PlanningError | None) -> None:
         elapsed_ms = (time.monotonic() - claim.started) * 1000
+        label = OUTCOME_LABELS[outcome]
+        self.metrics.finished(label, elapsed_ms / 1000, error)
+        fields = request_fields(claim.id, claim.lead_id, claim.attempt, label, elapsed_ms)
+        if error is not None:
+            fields["error"] = error.message
         where = f"request {claim.id} lead {claim.lead_id} attempt {claim.attempt}"
         if outcome == "completed":
-            log.info("%s completed in %.0f ms", where, elapsed_ms)
+            log.info("%s completed in %.0f ms", where, elapsed_ms, extra=fields)
         elif outcome == "pending":
             log.warning(
                 "%s failed, retrying in %.1fs: %s",
                 where,
                 claim.retry_delay,
                 error.message if error else "",
+                extra=fields,
             )
         elif outcome == "failed":
             level = logging.ERROR if isinstance(error, PermanentError) else logging.WARNING
-            log.log(level, "%s failed for good: %s", where, error.message if error else "")
+            log.log(
+                level, "%s failed for good: %s", where, error.message if error else "", extra=fields
+            )
         else:
-            log.warning("%s: claim was taken over; wrote nothing", where)
+            log.warning("%s: claim was taken over; wrote nothing", where, extra=fields)
 
     # -- heartbeat, sweep, shutdown --------------------------------------------------------
 
@@ -295,13 +313,17 @@ class Worker:
                         queries.RECOVER_EXPIRED,
                         {"max_attempts": self.settings.max_attempts, "lost_error": WORKER_LOST},
                     )
-                    for request_id, status, attempts, _ in await cursor.fetchall():
+                    for request_id, lead_id, status, attempts, _ in await cursor.fetchall():
                         log.warning(
                             "request %d recovered from an expired claim after attempt %d: now %s",
                             request_id,
                             attempts,
                             status,
+                            extra=request_fields(
+                                request_id, lead_id, attempts, f"recovered_{status}"
+                            ),
                         )
+                        self.metrics.recovered(status)
             except psycopg.Error as exc:
                 log.warning("sweep failed (%s); will retry", _one_line(exc))
             self._on_notify()  # also catches pending rows that no notification announced
@@ -331,6 +353,15 @@ class Worker:
                     _one_line(exc),
                 )
                 return
+        for claim in unfinished:
+            if claim.id in ids:
+                log.info(
+                    "request %d lead %d attempt %d handed back as pending",
+                    claim.id,
+                    claim.lead_id,
+                    claim.attempt,
+                    extra=request_fields(claim.id, claim.lead_id, claim.attempt, "handed_back"),
+                )
         log.info("handed back %d unfinished requests as pending: %s", len(ids), ids)
         self.inflight.clear()
 

@@ -1,0 +1,235 @@
+"""Prometheus metrics and the health check, served on `--metrics-port`.
+
+Each Worker owns a registry of its own (never the global default), so several workers in one
+process, as in the tests, never collide. Queue depth and the oldest pending age are read from
+the database at scrape time: a worker nobody scrapes sends no extra statements.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING
+
+import anyio
+import psycopg
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from planbus import queries
+from planbus.errors import ConfigurationError, PermanentError, PlanningError
+
+if TYPE_CHECKING:
+    from planbus.db import ListenerState
+    from planbus.worker import Worker
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HEALTH_TIMEOUT_SECONDS = 2.0
+MAX_REQUEST_BYTES = 8192
+
+# From a NOTIFY round trip (sub-millisecond) to a request that waited out retries.
+PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# From the template planner (milliseconds) to a slow model (the LLM timeout defaults to 60 s).
+PROCESSING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+
+
+class WorkerMetrics:
+    """The metrics of one worker, in a registry of its own."""
+
+    def __init__(self, listener: ListenerState, inflight: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "planbus_requests",
+            "Claims that ended, by outcome (completed, retry, failed, lost).",
+            ["outcome"],
+            registry=r,
+        )
+        self.pickup_latency = Histogram(
+            "planbus_pickup_latency_seconds",
+            "Insert to first claim of a request.",
+            buckets=PICKUP_BUCKETS,
+            registry=r,
+        )
+        self.processing_time = Histogram(
+            "planbus_processing_seconds",
+            "Claim to final write of one attempt.",
+            buckets=PROCESSING_BUCKETS,
+            registry=r,
+        )
+        self.sweep_recoveries = Counter(
+            "planbus_sweep_recoveries",
+            "Expired claims the sweep put back, by the status they got (pending, failed).",
+            ["status"],
+            registry=r,
+        )
+        self.planner_errors = Counter(
+            "planbus_planner_errors",
+            "Failed planning attempts by kind (e.g. transient, permanent, or the planner's own).",
+            ["kind"],
+            registry=r,
+        )
+        in_flight = Gauge(
+            "planbus_requests_in_flight", "Requests this worker holds right now.", registry=r
+        )
+        in_flight.set_function(lambda: float(inflight()))
+        connected = Gauge(
+            "planbus_listen_connected", "1 while the LISTEN connection is up.", registry=r
+        )
+        connected.set_function(lambda: 1.0 if listener.connected else 0.0)
+        self.queue_depth = Gauge(
+            "planbus_queue_depth",
+            "Requests in `pending` (including those waiting out a retry delay), at scrape time.",
+            registry=r,
+        )
+        self.oldest_pending_age = Gauge(
+            "planbus_oldest_pending_age_seconds",
+            "Age of the oldest `pending` request at scrape time (0 when none).",
+            registry=r,
+        )
+        r.register(_ReconnectsCollector(listener))
+
+    def claimed(self, attempt: int, waited_seconds: float) -> None:
+        """A claim started; only a first attempt measures insert-to-claim."""
+        if attempt == 1:
+            self.pickup_latency.observe(waited_seconds)
+
+    def finished(self, outcome: str, seconds: float, error: PlanningError | None) -> None:
+        """An attempt ended with `outcome`, after `seconds`, with `error` if planning failed."""
+        self.requests.labels(outcome=outcome).inc()
+        self.processing_time.observe(seconds)
+        if error is not None:
+            self.planner_errors.labels(kind=error_kind(error)).inc()
+
+    def recovered(self, status: str) -> None:
+        """The sweep put an expired claim back to `status`."""
+        self.sweep_recoveries.labels(status=status).inc()
+
+
+class _ReconnectsCollector(Collector):
+    """Reads the listener's own counter at scrape time, so db.py needs no metrics code."""
+
+    def __init__(self, listener: ListenerState) -> None:
+        self.listener = listener
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "planbus_listen_reconnects",
+            "Times the LISTEN connection was re-established after it was lost.",
+            value=self.listener.reconnects,
+        )
+
+
+def error_kind(error: PlanningError) -> str:
+    """A short label for a planning error: its own `kind` when it has one, else its class."""
+    kind = getattr(error, "kind", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    return "permanent" if isinstance(error, PermanentError) else "transient"
+
+
+# -- the HTTP side ----------------------------------------------------------------------------
+
+
+async def serve(
+    worker: Worker,
+    host: str,
+    port: int,
+    *,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer GET /metrics and GET /healthz on host:port until cancelled; reports the port."""
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
+            "choose another --metrics-port"
+        ) from None
+    bound = int(listener.extra(SocketAttribute.local_port))
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, bound)
+    task_status.started(bound)
+    async with listener:
+        await listener.serve(partial(_handle, worker))
+
+
+async def render_metrics(worker: Worker) -> bytes:
+    """The text exposition, after reading queue depth and age from the database."""
+    metrics = worker.metrics
+    try:
+        with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
+            async with worker.pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
+                row = await (await conn.execute(queries.QUEUE_STATS)).fetchone()
+        depth, age = (row[0], row[1]) if row else (0, None)
+        metrics.queue_depth.set(depth)
+        metrics.oldest_pending_age.set(age or 0.0)
+    except (psycopg.Error, TimeoutError) as exc:
+        # Stale numbers would look healthy; NaN says "unknown" to Prometheus.
+        log.warning("metrics: cannot read the queue (%s)", type(exc).__name__)
+        metrics.queue_depth.set(math.nan)
+        metrics.oldest_pending_age.set(math.nan)
+    return generate_latest(metrics.registry)
+
+
+async def health(worker: Worker) -> tuple[bool, str]:
+    """Healthy while LISTEN is connected and the database answers a trivial query."""
+    if not worker.listener.connected:
+        return False, "LISTEN connection is down"
+    try:
+        with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
+            async with worker.pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
+                await conn.execute("SELECT 1")
+    except (psycopg.Error, TimeoutError) as exc:
+        return False, f"database does not answer ({type(exc).__name__})"
+    return True, "ok"
+
+
+async def _handle(worker: Worker, stream: SocketStream) -> None:
+    async with stream:
+        try:
+            with anyio.fail_after(5):
+                path = await _read_path(stream)
+            if path == "/metrics":
+                await _respond(stream, 200, await render_metrics(worker), CONTENT_TYPE)
+            elif path == "/healthz":
+                ok, reason = await health(worker)
+                await _respond(stream, 200 if ok else 503, f"{reason}\n".encode())
+            elif path is None:
+                await _respond(stream, 400, b"bad request\n")
+            else:
+                await _respond(stream, 404, b"try /metrics or /healthz\n")
+        except (TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream, OSError):
+            pass  # a client that went away or never finished its request deserves nothing more
+
+
+async def _read_path(stream: SocketStream) -> str | None:
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        data += await stream.receive()
+        if len(data) > MAX_REQUEST_BYTES:
+            return None
+    parts = data.split(b"\r\n", 1)[0].split()
+    if len(parts) < 2 or parts[0] != b"GET":
+        return None
+    return parts[1].decode("latin-1").split("?", 1)[0]
+
+
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+
+
+async def _respond(
+    stream: SocketStream, status: int, body: bytes, content_type: str = "text/plain"
+) -> None:
+    head = (
+        f"HTTP/1.1 {status} {REASONS[status]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    await stream.send(head.encode("latin-1") + body)

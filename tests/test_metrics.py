@@ -1,0 +1,262 @@
+"""Metrics and health over real HTTP: what a Prometheus scrape and a liveness probe see."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from planbus import metrics
+from planbus.errors import PermanentError, TransientError
+from planbus.plan import Lead, Plan
+from planbus.planner import TemplatePlanner
+from planbus.worker import Worker
+from tests.conftest import TestServer
+from tests.helpers import Database, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def serving(worker: Worker) -> AsyncIterator[str]:
+    """The worker's /metrics and /healthz on an ephemeral loopback port; yields the base URL."""
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(metrics.serve, worker, "127.0.0.1", 0)
+        yield f"http://127.0.0.1:{port}"
+        tg.cancel_scope.cancel()
+
+
+def fetch(url: str) -> tuple[int, str, str]:
+    """GET `url`: status, content type, body (an HTTP error status is an answer too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+async def get(url: str) -> tuple[int, str, str]:
+    return await anyio.to_thread.run_sync(fetch, url)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+
+
+async def test_metrics_count_a_completed_request_with_its_latencies(database: Database) -> None:
+    lead = await database.insert_lead()
+    async with running_worker(database.url) as worker, serving(worker) as base:
+        request_id = await database.insert_request(lead)
+        await database.wait_for(request_id)
+        # Two pending requests the worker must not claim yet: one backing off for an hour,
+        # inserted a minute ago, gives the queue depth and the oldest pending age.
+        other = await database.insert_lead(telegram_id=43)
+        await database.conn.execute(
+            "INSERT INTO plan_requests (lead_id, telegram_id, created_at, run_after) "
+            "VALUES (%s, 43, now() - interval '1 minute', now() + interval '1 hour')",
+            (other,),
+        )
+        status, content_type, text = await get(f"{base}/metrics")
+
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    assert sample(text, "planbus_requests_total", outcome="completed") == 1
+    assert sample(text, "planbus_pickup_latency_seconds_count") == 1
+    assert 0 < sample(text, "planbus_pickup_latency_seconds_sum") < 5
+    assert sample(text, "planbus_processing_seconds_count") == 1
+    assert sample(text, "planbus_requests_in_flight") == 0
+    assert sample(text, "planbus_queue_depth") == 1
+    assert 60 <= sample(text, "planbus_oldest_pending_age_seconds") < 120
+    assert sample(text, "planbus_listen_connected") == 1
+    assert sample(text, "planbus_listen_reconnects_total") == 0
+
+
+class ScriptedPlanner(TemplatePlanner):
+    """Fails by the lead's name: `flaky` once with a transient error, `doomed` for good."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str | None, int] = {}
+
+    async def plan(self, lead: Lead) -> Plan:
+        calls = self.calls[lead.prospect_name] = self.calls.get(lead.prospect_name, 0) + 1
+        if lead.prospect_name == "flaky" and calls == 1:
+            raise TransientError("The model took too long to answer.")
+        if lead.prospect_name == "doomed":
+            raise PermanentError("The LLM credentials were refused.")
+        return await super().plan(lead)
+
+
+async def test_metrics_count_retries_failures_errors_by_kind_and_sweep_recoveries(
+    database: Database,
+) -> None:
+    flaky = await database.insert_lead(prospect_name="flaky")
+    doomed = await database.insert_lead(prospect_name="doomed")
+    orphan_lead = await database.insert_lead(prospect_name="orphan")
+    # A claim whose worker died: the sweep (which runs when a worker starts) must recover it.
+    orphan = await database.value(
+        "INSERT INTO plan_requests (lead_id, telegram_id, status, attempts, claim_token, "
+        "worker_id, lease_expires_at) VALUES (%s, 42, 'processing', 1, gen_random_uuid(), "
+        "'dead-host:1', now() - interval '1 minute') RETURNING id",
+        (orphan_lead,),
+    )
+    async with (
+        running_worker(database.url, planner=ScriptedPlanner()) as worker,
+        serving(worker) as base,
+    ):
+        ids = [await database.insert_request(lead) for lead in (flaky, doomed)]
+        rows = await database.wait_all([*ids, orphan])
+        _, _, text = await get(f"{base}/metrics")
+
+    statuses = {r["id"]: r["status"] for r in rows}
+    assert statuses == {ids[0]: "completed", ids[1]: "failed", orphan: "completed"}
+    assert sample(text, "planbus_sweep_recoveries_total", status="pending") == 1
+    assert sample(text, "planbus_requests_total", outcome="retry") == 1
+    assert sample(text, "planbus_requests_total", outcome="failed") == 1
+    assert sample(text, "planbus_requests_total", outcome="completed") == 2
+    assert sample(text, "planbus_planner_errors_total", kind="transient") == 1
+    assert sample(text, "planbus_planner_errors_total", kind="permanent") == 1
+    # Only first attempts measure insert -> claim; the retry and the recovered claim do not.
+    assert sample(text, "planbus_pickup_latency_seconds_count") == 2
+
+
+def allow_connections(pg_server: TestServer, url: str, allowed: bool) -> None:
+    """Let new sessions into the test's database, or turn them all away (existing ones stay)."""
+    name = sql.Identifier(conninfo_to_dict(url)["dbname"])
+    value = sql.SQL("true" if allowed else "false")
+    pg_server.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(name, value))
+
+
+async def test_healthz_is_503_while_the_listen_connection_is_down(
+    database: Database, pg_server: TestServer
+) -> None:
+    async with running_worker(database.url) as worker, serving(worker) as base:
+        assert (await get(f"{base}/healthz"))[0] == 200
+        # Kill the LISTEN session and keep it from coming back; the work pool stays connected.
+        allow_connections(pg_server, database.url, False)
+        try:
+            await database.conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'planbus-listen'"
+            )
+            status, _, body = await wait_until(
+                lambda: get(f"{base}/healthz"), lambda r: r[0] != 200, 10, "/healthz to fail"
+            )
+            assert (status, body) == (503, "LISTEN connection is down\n")
+            assert sample((await get(f"{base}/metrics"))[2], "planbus_listen_connected") == 0
+        finally:
+            allow_connections(pg_server, database.url, True)
+        await wait_until(
+            lambda: get(f"{base}/healthz"), lambda r: r[0] == 200, 15, "/healthz to recover"
+        )
+        _, _, text = await get(f"{base}/metrics")
+    assert sample(text, "planbus_listen_reconnects_total") == 1
+
+
+async def test_healthz_is_503_when_the_database_does_not_answer(
+    database: Database, pg_server: TestServer
+) -> None:
+    async with running_worker(database.url) as worker, serving(worker) as base:
+        # The work connections die and no new session is accepted; LISTEN itself stays up.
+        allow_connections(pg_server, database.url, False)
+        try:
+            await database.conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'planbus'"
+            )
+            assert worker.listener.connected
+            status, _, body = await get(f"{base}/healthz")
+            _, _, text = await get(f"{base}/metrics")
+        finally:
+            allow_connections(pg_server, database.url, True)
+        # The pool reconnects on its own once the database takes sessions again.
+        await wait_until(
+            lambda: get(f"{base}/healthz"), lambda r: r[0] == 200, 15, "/healthz to recover"
+        )
+    assert status == 503
+    assert body.startswith("database does not answer")
+    assert sample(text, "planbus_queue_depth") != sample(text, "planbus_queue_depth")  # NaN
+
+
+async def test_unknown_paths_get_404(database: Database) -> None:
+    async with running_worker(database.url) as worker, serving(worker) as base:
+        assert (await get(f"{base}/"))[0] == 404
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_listen_serves_metrics_and_logs_each_state_change_as_json(
+    database: Database, tmp_path: Path
+) -> None:
+    port = free_port()
+    log_path = tmp_path / "worker.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLANBUS_", "OPENAI_"))}
+    env.pop("DATABASE_URL", None)
+    command = [
+        sys.executable,
+        "-m",
+        "planbus.listen",
+        f"--database-url={database.url}",
+        f"--metrics-port={port}",
+        "--planner=template",
+        "--log-format=json",
+    ]
+    lead = await database.insert_lead()
+
+    async def read_log() -> str:
+        return log_path.read_text()
+
+    with log_path.open("wb") as log_file:
+        process = await anyio.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env
+        )
+        try:
+            await wait_until(
+                read_log, lambda t: "listening on channel" in t, 30, "the ready line"
+            )
+            status, _, _ = await get(f"http://127.0.0.1:{port}/healthz")
+            request_id = await database.insert_request(lead)
+            await database.wait_for(request_id)
+            _, _, text = await get(f"http://127.0.0.1:{port}/metrics")
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    assert status == 200
+    assert sample(text, "planbus_requests_total", outcome="completed") == 1
+    assert code == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    changes = [line for line in lines if line.get("request_id") == request_id]
+    assert [c["outcome"] for c in changes] == ["claimed", "completed"]
+    for change in changes:
+        assert change["lead_id"] == lead
+        assert change["attempt"] == 1
+        assert isinstance(change["duration_ms"], float)
+        assert f"request {request_id}" in change["message"]
