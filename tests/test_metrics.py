@@ -141,7 +141,7 @@ async def test_metrics_count_retries_failures_errors_by_kind_and_sweep_recoverie
 
 def allow_connections(pg_server: TestServer, url: str, allowed: bool) -> None:
     """Let new sessions into the test's database, or turn them all away (existing ones stay)."""
-    name = sql.Identifier(conninfo_to_dict(url)["dbname"])
+    name = sql.Identifier(str(conninfo_to_dict(url)["dbname"]))
     value = sql.SQL("true" if allowed else "false")
     pg_server.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(name, value))
 
@@ -234,9 +234,7 @@ async def test_listen_serves_metrics_and_logs_each_state_change_as_json(
             command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env
         )
         try:
-            await wait_until(
-                read_log, lambda t: "listening on channel" in t, 30, "the ready line"
-            )
+            await wait_until(read_log, lambda t: "listening on channel" in t, 30, "the ready line")
             status, _, _ = await get(f"http://127.0.0.1:{port}/healthz")
             request_id = await database.insert_request(lead)
             await database.wait_for(request_id)
