@@ -28,9 +28,11 @@ async def serve(settings: Settings) -> None:
         if dsn is None:
             dsn = await anyio.to_thread.run_sync(start_embedded, settings, stack)
         await db.check_database(dsn, migrate.head_revision())
+        if settings.work_database_url:
+            await db.check_database(settings.work_database_url, None)
         planner = make_planner(settings)
         stack.push_async_callback(planner.aclose)
-        pool = db.make_pool(dsn, settings.pool_size)
+        pool = db.make_pool(settings.work_database_url or dsn, settings.pool_size)
         await pool.open(wait=True, timeout=30)
         stack.push_async_callback(pool.close)
         worker = Worker(settings, dsn, pool, planner, db.worker_name())

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("database_url", "PLANBUS_DATABASE_URL", "DATABASE_URL"),
     )
+    # Work connections (claims, heartbeats, effects) through a pooler such as PgBouncer in
+    # transaction mode; LISTEN always stays on database_url, which needs a session connection.
+    work_database_url: str | None = None
     concurrency: int = Field(default=32, ge=1, le=10_000)
     lease_seconds: float = Field(default=8.0, gt=0.5, le=3600)
     sweep_seconds: float = Field(default=5.0, gt=0, le=3600)
