@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from planbus import db
@@ -202,3 +203,22 @@ async def running_worker(
         await pool.close()
         if owned is not None:
             await owned.aclose()
+
+
+@asynccontextmanager
+async def acting_as(
+    url: str, role: str, telegram_id: int | None = None, claims: dict[str, Any] | None = None
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """One transaction as PostgREST runs a request: `SET LOCAL ROLE`, then the JWT's claims.
+
+    The transaction commits when the block ends normally and rolls back on an exception.
+    """
+    if claims is None and telegram_id is not None:
+        claims = {"telegram_id": telegram_id, "role": role}
+    async with await psycopg.AsyncConnection.connect(url) as conn, conn.transaction():
+        await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+        if claims is not None:
+            await conn.execute(
+                "SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),)
+            )
+        yield conn

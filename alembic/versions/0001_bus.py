@@ -11,11 +11,11 @@ from __future__ import annotations
 from alembic import op
 from planbus.adoption import (
     ORIGIN_TABLE,
+    add_constraint,
     added,
     ensure_columns,
     ensure_table,
     forget,
-    record,
     remove_added_columns_and_constraints,
     table_exists,
 )
@@ -171,18 +171,21 @@ def downgrade() -> None:
 
 
 def _ensure_plan_request_constraints(*, adopted: bool) -> None:
-    # The database, not only the worker, enforces the status values.
-    op.execute(
-        f"ALTER TABLE plan_requests ADD CONSTRAINT {STATUS_CHECK} "
-        "CHECK (status IN ('pending', 'processing', 'completed', 'failed'))"
+    # The database, not only the worker, enforces the status values. An adopted table's rows
+    # that break a constraint (an unknown status, a lead deleted long ago) are kept.
+    add_constraint(
+        "plan_requests",
+        STATUS_CHECK,
+        "CHECK (status IN ('pending', 'processing', 'completed', 'failed'))",
+        revision,
     )
-    record("constraint", "plan_requests", STATUS_CHECK, revision)
     if adopted and not _lead_id_has_foreign_key():
-        op.execute(
-            f"ALTER TABLE plan_requests ADD CONSTRAINT {LEAD_FOREIGN_KEY} "
-            "FOREIGN KEY (lead_id) REFERENCES lead_registry (id) ON DELETE CASCADE"
+        add_constraint(
+            "plan_requests",
+            LEAD_FOREIGN_KEY,
+            "FOREIGN KEY (lead_id) REFERENCES lead_registry (id) ON DELETE CASCADE",
+            revision,
         )
-        record("constraint", "plan_requests", LEAD_FOREIGN_KEY, revision)
 
 
 def _lead_id_has_foreign_key() -> bool:

@@ -1,17 +1,21 @@
 """Helpers for migrations that adopt an existing database.
 
-planbus may meet tables it did not create. Every table, column or constraint a revision adds to
-the database is recorded in `planbus_schema_origin`, so `alembic downgrade` removes exactly what
-planbus added and never a table or column that was there before.
+planbus may meet tables it did not create. Every table, column, constraint, default, privilege
+or row-security switch a revision adds to (or takes from) the database is recorded in
+`planbus_schema_origin`, so `alembic downgrade` undoes exactly what planbus did and never drops
+a table or column that was there before.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import LiteralString
 
-from sqlalchemy import text
+from sqlalchemy import exc, text
 
 from alembic import op
+
+log = logging.getLogger("planbus.migrations")
 
 ORIGIN_TABLE: LiteralString = """
 CREATE TABLE IF NOT EXISTS planbus_schema_origin (
@@ -73,6 +77,29 @@ def ensure_columns(table: str, columns: dict[str, str], revision: str) -> None:
             record("column", table, column, revision)
 
 
+def add_constraint(table: str, name: str, definition: str, revision: str) -> None:
+    """Add a constraint that binds every new or updated row; validate it when the old rows allow.
+
+    An adopted table may hold rows that break it (an unknown status, a request whose lead is
+    gone). They are kept, and the constraint stays NOT VALID until an operator fixes them.
+    """
+    op.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition} NOT VALID')
+    record("constraint", table, name, revision)
+    bind = op.get_bind()
+    try:
+        with bind.begin_nested():
+            bind.execute(text(f'ALTER TABLE {table} VALIDATE CONSTRAINT "{name}"'))
+    except exc.IntegrityError:
+        log.warning(
+            "%s has rows that break %s; they are kept and the constraint holds for new and "
+            "updated rows. Fix them, then run: ALTER TABLE %s VALIDATE CONSTRAINT %s",
+            table,
+            name,
+            table,
+            name,
+        )
+
+
 def added(kind: str, revision: str) -> list[tuple[str, str]]:
     """(table, object) pairs of one kind that a revision added, newest first."""
     rows = op.get_bind().execute(
@@ -101,3 +128,118 @@ def remove_added_columns_and_constraints(revision: str) -> None:
     for table, column in added("column", revision):
         if table_exists(table):
             op.execute(f'ALTER TABLE {table} DROP COLUMN IF EXISTS "{column}"')
+
+
+def set_default(table: str, column: str, expression: str, revision: str) -> None:
+    """Give an adopted column the contract's default when it has none, and record it."""
+    found = op.get_bind().execute(
+        text(
+            "SELECT atthasdef FROM pg_attribute "
+            "WHERE attrelid = to_regclass(:table) AND attname = :column AND NOT attisdropped"
+        ),
+        {"table": f"public.{table}", "column": column},
+    )
+    has_default = found.scalar()
+    if has_default is False:
+        op.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" SET DEFAULT {expression}')
+        record("default", table, column, revision)
+
+
+def remove_added_defaults(revision: str) -> None:
+    """Drop the defaults a revision gave to columns that had none."""
+    for table, column in added("default", revision):
+        if column_exists(table, column):
+            op.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" DROP DEFAULT')
+
+
+def enable_row_security(table: str, revision: str) -> None:
+    """Turn row-level security on; record it when planbus was the one to turn it on."""
+    found = op.get_bind().execute(
+        text("SELECT relrowsecurity FROM pg_class WHERE oid = to_regclass(:table)"),
+        {"table": f"public.{table}"},
+    )
+    if not found.scalar():
+        op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+        record("row_security", table, "enabled", revision)
+
+
+def disable_added_row_security(revision: str) -> None:
+    """Turn row-level security off again where planbus turned it on."""
+    for table, _ in added("row_security", revision):
+        if table_exists(table):
+            op.execute(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY")
+
+
+# A privilege as (grantee, privilege, column); the column is "" for the whole table or sequence
+# and the grantee "PUBLIC" for everyone.
+Privilege = tuple[str, str, str]
+
+PRIVILEGES = text("""
+SELECT coalesce(r.rolname, 'PUBLIC'), a.privilege_type, ''
+  FROM pg_class AS c
+ CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+  LEFT JOIN pg_roles AS r ON r.oid = a.grantee
+ WHERE c.oid = to_regclass(:relation)
+UNION
+SELECT coalesce(r.rolname, 'PUBLIC'), a.privilege_type, att.attname
+  FROM pg_attribute AS att
+ CROSS JOIN LATERAL aclexplode(att.attacl) AS a
+  LEFT JOIN pg_roles AS r ON r.oid = a.grantee
+ WHERE att.attrelid = to_regclass(:relation) AND NOT att.attisdropped
+""")
+
+
+def privileges(relation: str, grantees: tuple[str, ...]) -> set[Privilege]:
+    """What `grantees` hold on a table or sequence (`relation` as `schema.name`)."""
+    rows = op.get_bind().execute(PRIVILEGES, {"relation": relation})
+    return {(str(g), str(p), str(c)) for g, p, c in rows if g in grantees}
+
+
+def record_privilege_changes(
+    relation: str, before: set[Privilege], after: set[Privilege], revision: str
+) -> None:
+    """Record what planbus granted and what it revoked, so a downgrade can undo both."""
+    for kind, changed in (("granted", after - before), ("revoked", before - after)):
+        for privilege in sorted(changed):
+            record(kind, relation, " ".join(part for part in privilege if part), revision)
+
+
+def restore_privileges(revision: str) -> None:
+    """Revoke what a revision granted and grant back what it revoked."""
+    for kind, verb, direction in (("granted", "REVOKE", "FROM"), ("revoked", "GRANT", "TO")):
+        for relation, recorded in added(kind, revision):
+            grantee, privilege, *column = recorded.split(" ", 2)
+            statement = _privilege_statement(verb, direction, relation, grantee, privilege, column)
+            if statement is not None:
+                op.execute(statement)
+
+
+def _privilege_statement(
+    verb: str, direction: str, relation: str, grantee: str, privilege: str, column: list[str]
+) -> str | None:
+    if not (privilege.isalpha() and privilege.isupper()):
+        raise ValueError(f"unexpected privilege {privilege!r} in planbus_schema_origin")
+    found = (
+        op.get_bind()
+        .execute(
+            text(
+                "SELECT to_regclass(:relation)::text, "
+                "(SELECT relkind FROM pg_class WHERE oid = to_regclass(:relation)), "
+                "EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :grantee)"
+            ),
+            {"relation": relation, "grantee": grantee},
+        )
+        .one()
+    )
+    target, relkind, role_exists = found
+    if target is None or not (role_exists or grantee == "PUBLIC"):
+        return None  # the table or the role is gone, and its privileges with it
+    on = f"SEQUENCE {target}" if relkind == "S" else f"TABLE {target}"
+    who = "PUBLIC" if grantee == "PUBLIC" else quote(grantee)
+    columns = f" ({quote(column[0])})" if column else ""
+    return f"{verb} {privilege}{columns} ON {on} {direction} {who}"
+
+
+def quote(identifier: str) -> str:
+    """An identifier quoted for SQL, as `quote_ident` would."""
+    return '"' + identifier.replace('"', '""') + '"'
