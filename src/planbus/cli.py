@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -32,6 +33,7 @@ from planbus.settings import Settings, load_settings
 log = logging.getLogger("planbus.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a process ended by SIGPIPE
 TERMINAL = ("completed", "failed")
 STATUSES = ("pending", "processing", "completed", "failed")
 LIST_LIMIT = 50
@@ -455,3 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"planbus: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if not _broken_pipe(exc):
+            raise
+        # The reader went away (`status | head`): exit as a process killed by SIGPIPE would,
+        # without a traceback, and keep Python from failing again on the final flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _broken_pipe(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):  # raised inside the demo's task group
+        return all(_broken_pipe(inner) for inner in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
