@@ -221,13 +221,6 @@ async def test_request_uses_the_given_telegram_id(
 async def test_request_for_a_lead_with_an_active_request_uses_that_request(
     database: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The one-active-request rule is the migrations'; make sure it holds in this database.
-    await database.conn.execute(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'plan_requests' "
-        "AND indexdef LIKE 'CREATE UNIQUE INDEX%(lead_id)%') THEN "
-        "CREATE UNIQUE INDEX test_one_active ON plan_requests (lead_id) "
-        "WHERE status IN ('pending', 'processing'); END IF; END $$"
-    )
     lead = await database.insert_lead()
     active = await database.insert_request(lead)
 
