@@ -2,7 +2,8 @@
 
 Exit codes, for scripts: 0 done; 1 the thing asked for did not happen (a request failed, an id
 was not retried, a lead does not exist); 2 bad usage or configuration (flags, database URL,
-unreachable or unmigrated database); 3 `request --wait` timed out before the request finished.
+unreachable or unmigrated database); 3 `request --wait` timed out before the request finished;
+141 the output pipe was closed early (`status | head`), as for a process killed by SIGPIPE.
 """
 
 from __future__ import annotations

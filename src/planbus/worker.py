@@ -353,8 +353,9 @@ class Worker:
                     _one_line(exc),
                 )
                 return
+        handed = set(ids)
         for claim in unfinished:
-            if claim.id in ids:
+            if claim.id in handed:
                 log.info(
                     "request %d lead %d attempt %d handed back as pending",
                     claim.id,
