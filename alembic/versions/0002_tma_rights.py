@@ -18,10 +18,12 @@ from sqlalchemy import text
 from alembic import op
 from planbus.adoption import (
     add_constraint,
+    any_nullable,
     disable_added_row_security,
     enable_row_security,
     forget,
     privileges,
+    qualified_name,
     quote,
     record_privilege_changes,
     remove_added_columns_and_constraints,
@@ -63,7 +65,8 @@ ORIGIN_KIND_CHECK = "planbus_schema_origin_kind_check"
 ORIGIN_KINDS_0001 = "'table', 'column', 'constraint'"
 ORIGIN_KINDS = ORIGIN_KINDS_0001 + ", 'default', 'row_security', 'granted', 'revoked'"
 
-# One request per lead may be waiting or running; PostgREST answers a second insert with 409.
+# An older deployment may hold several active requests for one lead. Before the unique index
+# is built the oldest stays active and the newer ones fail, with a reason and the usual event.
 FAIL_DUPLICATE_ACTIVE = """
 WITH ranked AS (
     SELECT id, row_number() OVER same_lead AS position,
@@ -71,7 +74,7 @@ WITH ranked AS (
                   'so this newer duplicate was not processed.',
                   lead_id, first_value(id) OVER same_lead) AS error
       FROM plan_requests
-     WHERE status IN ('pending', 'processing')
+     WHERE status IN ('pending', 'processing') AND lead_id IS NOT NULL
     WINDOW same_lead AS (PARTITION BY lead_id ORDER BY created_at, id)
 ), failed AS (
     UPDATE plan_requests AS r
@@ -93,6 +96,7 @@ SELECT id, pg_notify('plan_request_events', json_build_object(
 """
 
 OWNED_OBJECTS = f"""
+-- One request per lead may be waiting or running; PostgREST answers a second insert with 409.
 CREATE UNIQUE INDEX {ACTIVE_INDEX} ON plan_requests (lead_id)
     WHERE status IN ('pending', 'processing');
 
@@ -261,7 +265,7 @@ def _adopt_bad_input_rules() -> None:
     set_default("plan_requests", "status", "'pending'", revision)
     set_default("plan_requests", "created_at", "now()", revision)
     set_default("plan_requests", "updated_at", "now()", revision)
-    if _nullable("plan_requests", ("lead_id", "telegram_id", "status")):
+    if any_nullable("plan_requests", ("lead_id", "telegram_id", "status")):
         add_constraint(
             "plan_requests",
             "planbus_plan_requests_required_check",
@@ -271,17 +275,6 @@ def _adopt_bad_input_rules() -> None:
     add_constraint(
         "plan_requests", "planbus_plan_requests_attempts_check", "CHECK (attempts >= 0)", revision
     )
-
-
-def _nullable(table: str, columns: tuple[str, ...]) -> bool:
-    found = op.get_bind().execute(
-        text(
-            "SELECT bool_or(NOT attnotnull) FROM pg_attribute "
-            "WHERE attrelid = to_regclass(:table) AND attname = ANY (:columns)"
-        ),
-        {"table": f"public.{table}", "columns": list(columns)},
-    )
-    return bool(found.scalar())
 
 
 def _ensure_roles() -> set[str]:
@@ -332,7 +325,7 @@ def _grant_exactly(present: set[str]) -> None:
         "public.plan_requests": "TABLE",
         **dict.fromkeys(_id_sequences(), "SEQUENCE"),
         "public.planbus_schema_origin": "TABLE",
-        _qualified("alembic_version"): "TABLE",
+        qualified_name("alembic_version"): "TABLE",
     }
     before = {relation: privileges(relation, grantees) for relation in relations}
     for relation, kind in relations.items():
@@ -360,18 +353,6 @@ def _grant_exactly(present: set[str]) -> None:
             "role anon still reaches plan_requests through a role it belongs to; revoke that "
             "membership or the grant"
         )
-
-
-def _qualified(relation: str) -> str:
-    """`schema.name` of a relation found on the search path (alembic's own table)."""
-    found = op.get_bind().execute(
-        text(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class AS c "
-            "JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:name)"
-        ),
-        {"name": relation},
-    )
-    return str(found.scalar_one())
 
 
 def _id_sequences(*, identity: bool = True) -> list[str]:

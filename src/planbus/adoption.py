@@ -49,6 +49,30 @@ def column_exists(table: str, column: str) -> bool:
     return found.first() is not None
 
 
+def qualified_name(relation: str) -> str:
+    """`schema.name` of a relation found on the search path (e.g. alembic's own table)."""
+    found = op.get_bind().execute(
+        text(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class AS c "
+            "JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:name)"
+        ),
+        {"name": relation},
+    )
+    return str(found.scalar_one())
+
+
+def any_nullable(table: str, columns: tuple[str, ...]) -> bool:
+    """True when one of `public.<table>`'s `columns` allows NULL."""
+    found = op.get_bind().execute(
+        text(
+            "SELECT bool_or(NOT attnotnull) FROM pg_attribute "
+            "WHERE attrelid = to_regclass(:table) AND attname = ANY (:columns)"
+        ),
+        {"table": f"public.{table}", "columns": list(columns)},
+    )
+    return bool(found.scalar())
+
+
 def record(kind: str, table: str, name: str, revision: str) -> None:
     """Remember that planbus added this object."""
     op.get_bind().execute(
