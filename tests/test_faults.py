@@ -7,6 +7,7 @@ the LLM server's record of calls, or a worker's log, always with a deadline.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -107,9 +108,8 @@ async def reminders_per_lead(database: Database, leads: list[int]) -> dict[int, 
 async def flush_events(database: Database, events: Events) -> None:
     """Wait until every event committed so far has arrived: NOTIFYs arrive in commit order,
     so once our own marker is in, nothing sent before it is still on its way."""
-    await database.conn.execute(
-        'SELECT pg_notify(\'plan_request_events\', \'{"id": -1, "status": "marker"}\')'
-    )
+    marker = json.dumps({"id": -1, "status": "marker"})
+    await database.conn.execute("SELECT pg_notify('plan_request_events', %s)", (marker,))
     await events.wait_for(-1)
 
 
