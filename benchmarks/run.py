@@ -1,0 +1,287 @@
+"""`python -m benchmarks.run [--quick]`: every workload, a table, a JSON file and the W1 chart.
+
+It starts its own PostgreSQL (embedded, in a temporary folder, fsync on) and its own
+OpenAI-compatible server (`benchmarks/llm.py`), and runs each workload against
+`python -m planbus.listen` as a separate process. Benchmarks are not tests: a missed target is
+reported, not raised; wrong results (a lost effect, a false takeover) fail the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import operator
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import workloads
+from benchmarks.chart import w1_chart
+from benchmarks.harness import BenchError, LLMServer, Postgres, clean_directory, machine
+from benchmarks.workloads import FULL, QUICK, Bench
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CHART = HERE.parent / "docs" / "bench-w1-latency.png"
+
+# The order they run in; W1's baseline and W3's baseline run right after planbus's.
+WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "w1": workloads.pickup_latency,
+    "w1_baseline": lambda b: workloads.pickup_latency(b, baseline=True),
+    "w2_template": lambda b: workloads.drain(b, "template"),
+    "w2_openai": lambda b: workloads.drain(b, "openai"),
+    "w3": workloads.slow_model,
+    "w3_baseline": lambda b: workloads.slow_model(b, baseline=True),
+    "w4": lambda b: workloads.slow_model(b, fan_out=True),
+    "idle": workloads.idle,
+    "recovery": workloads.recovery,
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: where to read the figure, and its target if it has one."""
+
+    label: str
+    unit: str
+    path: tuple[str, ...]  # into results["w1"] etc.; the first element names the workload
+    baseline: tuple[str, ...] | None = None
+    compare: str | None = None  # "<=" or ">="
+    target: float | None = None
+
+
+ROWS = [
+    Row(
+        "W1 commit → LLM call, p50",
+        "ms",
+        ("w1", "to_llm_ms", "p50"),
+        ("w1_baseline", "to_llm_ms", "p50"),
+        "<=",
+        2.0,
+    ),
+    Row(
+        "W1 commit → LLM call, p90",
+        "ms",
+        ("w1", "to_llm_ms", "p90"),
+        ("w1_baseline", "to_llm_ms", "p90"),
+    ),
+    Row(
+        "W1 commit → LLM call, p99",
+        "ms",
+        ("w1", "to_llm_ms", "p99"),
+        ("w1_baseline", "to_llm_ms", "p99"),
+        "<=",
+        6.0,
+    ),
+    Row(
+        "W1 commit → LLM call, max",
+        "ms",
+        ("w1", "to_llm_ms", "max"),
+        ("w1_baseline", "to_llm_ms", "max"),
+    ),
+    Row(
+        "W1 commit → claim, p50",
+        "ms",
+        ("w1", "to_claim_ms", "p50"),
+        ("w1_baseline", "to_claim_ms", "p50"),
+    ),
+    Row(
+        "W1 commit → claim, p99",
+        "ms",
+        ("w1", "to_claim_ms", "p99"),
+        ("w1_baseline", "to_claim_ms", "p99"),
+    ),
+    Row(
+        "W2 drain, template planner",
+        "req/s",
+        ("w2_template", "requests_per_second"),
+        None,
+        ">=",
+        2000,
+    ),
+    Row("W2 drain, openai planner", "req/s", ("w2_openai", "requests_per_second"), None, ">=", 800),
+    Row("W3 slow model, total", "s", ("w3", "seconds"), ("w3_baseline", "seconds")),
+    Row("W3 total / ideal", "x", ("w3", "ratio_to_ideal"), None, "<=", 1.05),
+    Row("W4 fan-out, total", "s", ("w4", "seconds")),
+    Row("W4 total / ideal", "x", ("w4", "ratio_to_ideal"), None, "<=", 1.15),
+    Row("W4 worker peak RSS", "MB", ("w4", "peak_rss_mb"), None, "<=", 200),
+    Row("W4 most DB connections open", "", ("w4", "max_connections_open"), None, "<=", 10),
+    Row("Idle CPU per minute", "s", ("idle", "cpu_seconds_per_minute"), None, "<=", 0.2),
+    Row("Idle statements per minute", "", ("idle", "statements_per_minute")),
+    Row(
+        "Idle statements not from the sweep",
+        "",
+        ("idle", "statements_not_from_sweep"),
+        None,
+        "<=",
+        0,
+    ),
+    Row(
+        "Recovery after SIGKILL, slowest",
+        "s",
+        ("recovery", "reclaimed_after_seconds", "max"),
+        None,
+        "<=",
+        15,
+    ),
+    Row("Recovery: live claims taken over", "", ("recovery", "false_takeovers"), None, "<=", 0),
+]
+
+COMPARE = {"<=": operator.le, ">=": operator.ge}
+
+
+def lookup(results: dict[str, Any], path: tuple[str, ...] | None) -> float | None:
+    value: Any = results
+    for key in path or ():
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each row's figures and whether its target was met (None: no target or not run)."""
+    table = []
+    for row in ROWS:
+        value = lookup(results, row.path)
+        base = lookup(results, row.baseline)
+        met = None
+        if value is not None and row.compare and row.target is not None:
+            met = COMPARE[row.compare](value, row.target)
+        table.append(
+            {
+                "metric": row.label,
+                "unit": row.unit,
+                "planbus": value,
+                "baseline": base,
+                "baseline_ratio": base / value if base is not None and value else None,
+                "target": f"{row.compare} {row.target:g}" if row.compare else None,
+                "met": met,
+            }
+        )
+    return table
+
+
+def number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == int(value) and abs(value) >= 10:
+        return f"{value:,.0f}"
+    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def render(table: list[dict[str, Any]]) -> str:
+    """A Markdown table, for the terminal and the README alike."""
+    lines = [
+        "| metric | planbus | baseline | baseline / planbus | target | met |",
+        "| --- | ---: | ---: | ---: | --- | :---: |",
+    ]
+    for entry in table:
+        unit = f" {entry['unit']}" if entry["unit"] else ""
+        planbus = number(entry["planbus"]) + unit if entry["planbus"] is not None else "not run"
+        baseline = number(entry["baseline"]) + unit if entry["baseline"] is not None else ""
+        ratio = f"{entry['baseline_ratio']:,.0f}x" if entry["baseline_ratio"] else ""
+        target = f"{entry['target']}{unit}" if entry["target"] else ""
+        met = {True: "yes", False: "**no**", None: ""}[entry["met"]]
+        lines.append(f"| {entry['metric']} | {planbus} | {baseline} | {ratio} | {target} | {met} |")
+    return "\n".join(lines)
+
+
+def run(
+    selected: list[str], quick: bool, keep: bool, profile: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    sizes = QUICK if quick else FULL
+    root = Path(tempfile.mkdtemp(prefix="planbus-bench-"))
+    logs = root / "logs"
+    logs.mkdir()
+    pg = Postgres(root)
+    llm: LLMServer | None = None
+    results: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    try:
+        pg.start()
+        llm = LLMServer()
+        info = {
+            "postgres": pg.version,
+            "postgres_settings": "defaults, fsync on; "
+            "max_connections 300; pg_stat_statements loaded",
+            "logs": str(logs),
+        }
+        bench = Bench(sizes, pg, llm, logs, profile)
+        for name in selected:
+            started = time.monotonic()
+            print(f"-- {name} ...", file=sys.stderr, flush=True)
+            results[name] = WORKLOADS[name](bench)
+            results[name]["wall_seconds"] = round(time.monotonic() - started, 2)
+            print(f"   {name} done in {results[name]['wall_seconds']:.1f}s", file=sys.stderr)
+    finally:
+        if llm is not None:
+            llm.stop()
+        pg.stop()
+        if not keep and not profile:
+            clean_directory(root)
+    info["sizes"] = asdict(sizes)
+    return results, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (~1 min)")
+    parser.add_argument("--only", help=f"comma-separated workloads, from: {', '.join(WORKLOADS)}")
+    parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/)")
+    parser.add_argument("--chart", type=Path, help="W1 chart (default: docs/ for a full run)")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder and logs")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample each planbus worker with py-spy (pip install py-spy); implies --keep",
+    )
+    args = parser.parse_args(argv)
+    selected = list(WORKLOADS)
+    if args.only:
+        selected = [name.strip() for name in args.only.split(",")]
+        unknown = set(selected) - set(WORKLOADS)
+        if unknown:
+            parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+
+    host = machine()
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        results, info = run(selected, args.quick, args.keep, args.profile)
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    table = evaluate(results)
+    output = args.output or RESULTS / f"{stamp}{'-quick' if args.quick else ''}.json"
+    chart = args.chart or (output.with_suffix(".png") if args.quick or args.only else CHART)
+    described = f"{host['nproc']} x {host['cpu']}, PostgreSQL {info.get('postgres', '?')}"
+    print(w1_chart(results, chart, described), file=sys.stderr)
+    report = {
+        "when": stamp,
+        "mode": "quick" if args.quick else "full",
+        "machine": host,
+        "setup": info,
+        "table": table,
+        "results": results,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nMachine: {described}; load average at start {host['load_average_at_start']}")
+    print(render(table))
+    missed = [entry["metric"] for entry in table if entry["met"] is False]
+    print(f"\nResults: {output}")
+    print(f"Targets missed: {', '.join(missed)}" if missed else "Every target that ran was met.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
