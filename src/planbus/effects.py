@@ -1,12 +1,13 @@
 """The writes that end a claim: complete, give back for a retry, fail, or hand back on stop.
 
 Each is one statement fenced by the claim token, so it either applies in full while the claim
-is still ours, or writes nothing at all.
+is still ours, or writes nothing at all. Completions that finish together share a statement.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, LiteralString
@@ -14,6 +15,8 @@ from uuid import UUID
 
 import anyio
 import psycopg
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -72,22 +75,109 @@ class Claim:
 Outcome = Literal["completed", "pending", "failed", "lost"]
 
 
-async def complete(pool: AsyncConnectionPool, claim: Claim, plan: Plan, deadline: float) -> Outcome:
-    """Apply every effect of a finished plan in one statement; `lost` if the claim is gone."""
-    steps = plan.as_json()
-    reminders = [
-        {"step_id": step.step_id, "delay_days": step.delay_days, "draft_text": step.draft_text}
-        for step in plan.steps
-    ]
-    params = {
-        "id": claim.id,
-        "claim_token": claim.token,
-        "plan": Jsonb(steps),
-        "step_count": len(steps),
-        "reminders": Jsonb(reminders),
-    }
-    written = await _fenced_write(pool, queries.COMPLETE, params, deadline)
-    return "completed" if written else "lost"
+@dataclass(eq=False, slots=True)
+class _Completion:
+    """A finished plan waiting for its write, and the write's result."""
+
+    claim: Claim
+    plan: Plan
+    deadline: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+    written: bool = False
+    error: psycopg.Error | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.claim.id,
+            "claim_token": str(self.claim.token),
+            "plan": self.plan.as_json(),
+            "reminders": [
+                {"step_id": s.step_id, "delay_days": s.delay_days, "draft_text": s.draft_text}
+                for s in self.plan.steps
+            ],
+        }
+
+
+class Completions:
+    """Writes the effects of finished plans; plans that finish together share one statement.
+
+    Each request's effects stay one fenced, all-or-nothing write: the statement is one
+    transaction, and a request whose claim is gone matches nothing in it. Sharing changes only
+    how many round trips and commits the database sees. A writer never waits to fill a batch:
+    it takes what has queued up while the writers were busy, so an idle worker writes each
+    request at once and a busy one writes many per statement.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, writers: int, max_batch: int = 32) -> None:
+        self.pool = pool
+        self.writers = writers
+        self.max_batch = max_batch
+        self._send: MemoryObjectSendStream[_Completion] | None = None
+
+    async def complete(self, claim: Claim, plan: Plan, deadline: float) -> Outcome:
+        """Apply every effect of `plan`; `lost` if the claim is gone. Needs `run()` running."""
+        assert self._send is not None, "Completions.run() is not running"
+        item = _Completion(claim, plan, deadline)
+        self._send.send_nowait(item)
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return "completed" if item.written else "lost"
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The writer tasks, until cancelled."""
+        send, receive = anyio.create_memory_object_stream[_Completion](math.inf)
+        with send, receive:
+            self._send = send
+            async with anyio.create_task_group() as writers:
+                for _ in range(self.writers):
+                    writers.start_soon(self._write_batches, receive)
+                task_status.started()
+
+    async def _write_batches(self, receive: MemoryObjectReceiveStream[_Completion]) -> None:
+        later: list[_Completion] = []  # a second request of a lead already in the batch
+        while True:
+            batch = [later.pop(0) if later else await receive.receive()]
+            leads = {batch[0].claim.lead_id}
+            while len(batch) < self.max_batch:
+                try:
+                    item = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                if item.claim.lead_id in leads:
+                    later.append(item)  # its effects must follow the other's, not share them
+                else:
+                    batch.append(item)
+                    leads.add(item.claim.lead_id)
+            await self._write(batch)
+
+    async def _write(self, batch: list[_Completion]) -> None:
+        finished = False
+        try:
+            params = {"requests": Jsonb([item.as_json() for item in batch])}
+            deadline = min(item.deadline for item in batch)
+            rows = await _fenced_write(self.pool, queries.COMPLETE, params, deadline)
+            written = {row[0] for row in rows}
+            for item in batch:
+                item.written = item.claim.id in written
+            finished = True
+        except psycopg.OperationalError as exc:
+            for item in batch:
+                item.error = exc
+            finished = True
+        except psycopg.Error as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:  # one request's data must not fail the others: write each on its own
+                for item in batch:
+                    await self._write([item])
+            finished = True
+        finally:
+            for item in batch:
+                if not item.done.is_set():
+                    if not finished and item.error is None:  # cancelled mid-write
+                        item.error = psycopg.OperationalError("the effects writer stopped")
+                    item.done.set()
 
 
 async def give_back(
@@ -126,8 +216,8 @@ async def hand_back(pool: AsyncConnectionPool, claims: list[Claim]) -> list[int]
 
 async def _fenced_write(
     pool: AsyncConnectionPool, query: LiteralString, params: dict[str, Any], deadline: float
-) -> bool:
-    """Run one fenced statement; True when it matched our claim.
+) -> list[tuple[Any, ...]]:
+    """Run one fenced statement; the rows it returns, one for each claim it matched.
 
     A connection failure is retried until `deadline` (about when our lease would lapse):
     the claim is still ours meanwhile, and past it the sweep will hand the request on.
@@ -139,7 +229,7 @@ async def _fenced_write(
         try:
             async with pool.connection() as conn:
                 cursor = await conn.execute(query, params)
-                return cursor.rowcount > 0
+                return await cursor.fetchall()
         except psycopg.OperationalError as exc:
             failures += 1
             delay = backoff_delay(failures, base=0.1, cap=2.0)

@@ -57,28 +57,37 @@ UPDATE plan_requests AS r
 RETURNING r.id
 """
 
-# The effects of a completed request: one statement, so one snapshot, one now(), one commit.
-# Every CTE joins `done`, so when the claim is no longer ours nothing at all is written.
+# The effects of completed requests: one statement, so one snapshot, one now(), one commit.
+# %(requests)s is a JSON array of {id, claim_token, plan, reminders}: requests that finish
+# together share the statement (one round trip and one commit instead of one each), and each
+# stays fenced on its own: every CTE joins `done`, so a request whose claim is no longer ours
+# writes nothing at all. The caller never puts two requests of one lead in the same array.
 COMPLETE: LiteralString = """
-WITH done AS (
-    UPDATE plan_requests
+WITH input AS (
+    SELECT i.id, i.claim_token, i.plan, i.reminders
+      FROM jsonb_to_recordset(%(requests)s::jsonb)
+        AS i (id bigint, claim_token uuid, plan jsonb, reminders jsonb)
+), done AS (
+    UPDATE plan_requests AS r
        SET status = 'completed',
-           result = jsonb_build_object('plan', %(plan)s::jsonb, 'step_count', %(step_count)s::int),
+           result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan)),
            last_error = NULL,
            claim_token = NULL,
            lease_expires_at = NULL,
            finished_at = now(),
            updated_at = now()
-     WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
- RETURNING id, lead_id, telegram_id
+      FROM input AS i
+     WHERE r.id = i.id AND r.claim_token = i.claim_token AND r.status = 'processing'
+ RETURNING r.id, r.lead_id, r.telegram_id, i.plan, i.reminders
 ), steps AS (
-    SELECT s.step_id, s.delay_days, s.draft_text
-      FROM jsonb_to_recordset(%(reminders)s::jsonb)
+    SELECT done.id, done.lead_id, done.telegram_id, s.step_id, s.delay_days, s.draft_text
+      FROM done, jsonb_to_recordset(done.reminders)
         AS s (step_id integer, delay_days integer, draft_text text)
 ), lead AS (
     UPDATE lead_registry AS l
-       SET engagement_plan = %(plan)s::jsonb,
-           next_followup = now() + make_interval(days => (SELECT min(delay_days) FROM steps)),
+       SET engagement_plan = done.plan,
+           next_followup = now() + make_interval(
+               days => (SELECT min(steps.delay_days) FROM steps WHERE steps.id = done.id)),
            updated_at = now()
       FROM done
      WHERE l.id = done.lead_id
@@ -89,11 +98,11 @@ WITH done AS (
      WHERE sr.lead_id = done.lead_id AND sr.status IN ('pending', 'sent')
 ), scheduled AS (
     INSERT INTO scheduled_reminders (lead_id, telegram_id, step_id, due_at, status, draft_text)
-    SELECT done.lead_id, done.telegram_id, steps.step_id,
-           now() + make_interval(days => steps.delay_days), 'pending', steps.draft_text
-      FROM done, steps
+    SELECT lead_id, telegram_id, step_id, now() + make_interval(days => delay_days), 'pending',
+           draft_text
+      FROM steps
 )
-SELECT pg_notify('plan_request_events', json_build_object(
+SELECT id, pg_notify('plan_request_events', json_build_object(
            'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', 'completed')::text)
   FROM done
 """

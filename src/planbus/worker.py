@@ -71,6 +71,8 @@ class Worker:
         self.listener = ListenerState()
         self.metrics = WorkerMetrics(self.listener, lambda: len(self.inflight))
         self.inflight: dict[int, Claim] = {}
+        # Half the pool writes effects, so claims, heartbeats and the sweep never queue for long.
+        self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
@@ -93,6 +95,7 @@ class Worker:
             if self._stopping:
                 background.cancel_scope.cancel()
                 return
+            await background.start(self.completions.run)
             background.start_soon(self._heartbeat_loop)
             background.start_soon(self._sweep_loop)
             log.info(
@@ -226,7 +229,7 @@ class Worker:
         deadline = time.monotonic() + self.settings.lease_seconds
         try:
             if error is None:
-                return await effects.complete(self.pool, claim, plan, deadline)
+                return await self.completions.complete(claim, plan, deadline)
             final = isinstance(error, PermanentError) or claim.attempt >= self.settings.max_attempts
             delay = backoff_delay(
                 claim.attempt,

@@ -1,0 +1,72 @@
+"""Requests that finish together share one effects statement, and each stays fenced on its own."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from psycopg.rows import dict_row
+
+from planbus import db, queries
+from planbus.effects import Claim, Completions, Outcome
+from planbus.planner import TemplatePlanner
+from tests.helpers import Database, listening_events
+
+pytestmark = pytest.mark.anyio
+
+
+async def claim_all(url: str, limit: int) -> list[Claim]:
+    async with db.make_pool(url, 1) as pool, pool.connection() as conn:
+        cursor = conn.cursor(row_factory=dict_row)
+        await cursor.execute(
+            queries.CLAIM, {"worker_id": "test:1", "lease_seconds": 30, "limit": limit}
+        )
+        return [Claim.from_row(row) for row in await cursor.fetchall()]
+
+
+async def test_requests_finishing_together_share_a_transaction_and_stay_fenced(
+    database: Database,
+) -> None:
+    leads = [await database.insert_lead(telegram_id=100 + i) for i in range(5)]
+    ids = [await database.insert_request(lead, telegram_id=100 + i) for i, lead in enumerate(leads)]
+    claims = await claim_all(database.url, len(ids))
+    assert sorted(c.id for c in claims) == sorted(ids)
+    taken = claims[2]
+    # Another worker took this one over: its token no longer matches.
+    await database.conn.execute(
+        "UPDATE plan_requests SET claim_token = gen_random_uuid() WHERE id = %s", (taken.id,)
+    )
+    planner = TemplatePlanner()
+    outcomes: dict[int, Outcome] = {}
+
+    async with db.make_pool(database.url, 2) as pool, listening_events(database.url) as events:
+        completions = Completions(pool, writers=1)
+        async with anyio.create_task_group() as tg:
+            await tg.start(completions.run)
+
+            async def finish(claim: Claim) -> None:
+                assert claim.lead is not None
+                plan = await planner.plan(claim.lead)
+                outcomes[claim.id] = await completions.complete(claim, plan, time.monotonic() + 10)
+
+            async with anyio.create_task_group() as finishing:
+                for claim in claims:
+                    finishing.start_soon(finish, claim)
+            for claim in claims:
+                if claim is not taken:
+                    await events.wait_for(claim.id)
+            tg.cancel_scope.cancel()
+
+    assert outcomes == {c.id: "lost" if c is taken else "completed" for c in claims}
+    rows = {r["id"]: r for r in await database.fetchall("SELECT * FROM plan_requests")}
+    assert rows[taken.id]["status"] == "processing"
+    assert await database.reminders(taken.lead_id, "pending") == []
+    assert events.for_request(taken.id) == []
+    done = [rows[c.id] for c in claims if c is not taken]
+    assert all(r["status"] == "completed" for r in done)
+    # One statement: one transaction, one now() for all of them.
+    assert len({r["finished_at"] for r in done}) == 1
+    for claim in claims:
+        if claim is not taken:
+            assert len(await database.reminders(claim.lead_id, "pending")) == 6
