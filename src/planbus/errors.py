@@ -10,18 +10,24 @@ class ConfigurationError(Exception):
 class PlanningError(Exception):
     """Planning a request failed; `message` is one plain sentence safe to store in `result`."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, kind: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.kind = kind  # a short metric label: timeout, rate_limited, invalid_output, ...
 
 
 class TransientError(PlanningError):
     """Worth another attempt later (timeouts, 429, 5xx, an invalid model answer)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, kind: str = "transient"
+    ) -> None:
+        super().__init__(message, kind=kind)
         self.retry_after = retry_after
 
 
 class PermanentError(PlanningError):
     """Retrying cannot help (refused credentials, a missing lead): fail the request now."""
+
+    def __init__(self, message: str, *, kind: str = "permanent") -> None:
+        super().__init__(message, kind=kind)

@@ -131,26 +131,37 @@ class OpenAIPlanner:
     def _planning_error(self, exc: BaseException) -> PlanningError:
         """One plain sentence for `result.error`: no traceback, never the API key."""
         if isinstance(exc, TimeoutError | openai.APITimeoutError):
-            return TransientError(f"The LLM call timed out after {self.timeout:g} s.")
+            return TransientError(
+                f"The LLM call timed out after {self.timeout:g} s.", kind="timeout"
+            )
         if isinstance(exc, openai.APIConnectionError):
-            return TransientError("Could not connect to the LLM server.")
+            return TransientError("Could not connect to the LLM server.", kind="connection")
         if isinstance(exc, openai.APIResponseValidationError):
-            return TransientError(f"{INVALID_OUTPUT}: the server's answer could not be read.")
+            return TransientError(
+                f"{INVALID_OUTPUT}: the server's answer could not be read.", kind="invalid_output"
+            )
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             if status in (401, 403):
-                return PermanentError(f"The LLM credentials were refused (HTTP {status}).")
+                return PermanentError(
+                    f"The LLM credentials were refused (HTTP {status}).", kind="auth_refused"
+                )
             wait = retry_after_seconds(exc.response.headers, dt.datetime.now(dt.UTC))
             if status == 429:
-                return TransientError("The LLM server is rate limiting (HTTP 429).", wait)
+                return TransientError(
+                    "The LLM server is rate limiting (HTTP 429).", wait, kind="rate_limited"
+                )
             if status >= 500 or status in RETRYABLE_STATUSES:
                 return TransientError(
-                    f"The LLM server answered with an error (HTTP {status}).", wait
+                    f"The LLM server answered with an error (HTTP {status}).",
+                    wait,
+                    kind="server_error",
                 )
             detail = _server_detail(exc, self._secret)
             return PermanentError(
                 f"The LLM server rejected the request (HTTP {status})"
-                + (f": {detail}." if detail else ".")
+                + (f": {detail}." if detail else "."),
+                kind="rejected",
             )
         return TransientError(f"The LLM call failed ({type(exc).__name__}).")
 
@@ -186,12 +197,16 @@ def parse_plan(content: str) -> Plan:
         data = json.loads(content)
     except json.JSONDecodeError as exc:
         raise TransientError(
-            f"{INVALID_OUTPUT}: it is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})."
+            f"{INVALID_OUTPUT}: it is not JSON "
+            f"({exc.msg} at line {exc.lineno} column {exc.colno}).",
+            kind="invalid_output",
         ) from None
     try:
         return validate_plan(data)
     except InvalidPlan as exc:
-        raise TransientError(f"{INVALID_OUTPUT}: {str(exc).rstrip('.')}.") from None
+        raise TransientError(
+            f"{INVALID_OUTPUT}: {str(exc).rstrip('.')}.", kind="invalid_output"
+        ) from None
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: dt.datetime) -> float | None:
@@ -227,11 +242,15 @@ def _content(completion: ChatCompletion) -> str:
     content = getattr(message, "content", None)
     reason = getattr(choices[0], "finish_reason", None) if choices else None
     if reason == "length":
-        raise TransientError(f"{INVALID_OUTPUT}: the answer was cut off at the length limit.")
+        raise TransientError(
+            f"{INVALID_OUTPUT}: the answer was cut off at the length limit.", kind="invalid_output"
+        )
     if isinstance(content, str):
         return content
     why = f"finish_reason {reason}" if reason else "no choices"
-    raise TransientError(f"{INVALID_OUTPUT}: the answer had no message content ({why}).")
+    raise TransientError(
+        f"{INVALID_OUTPUT}: the answer had no message content ({why}).", kind="invalid_output"
+    )
 
 
 def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
