@@ -121,8 +121,6 @@ class Worker:
             if free > 0 and self._due():
                 try:
                     claims = await self._claim(free)
-                    if len(claims) < free:
-                        await self._learn_next_due()
                     failures = 0
                 except psycopg.Error as exc:
                     failures += 1
@@ -134,6 +132,10 @@ class Worker:
                 for claim in claims:
                     self.inflight[claim.id] = claim
                     requests.start_soon(self._process, claim)
+                if len(claims) < free:
+                    # Only after the claimed requests are on their way: not on their path.
+                    await anyio.lowlevel.checkpoint()
+                    await self._learn_next_due()
                 continue
             # With every slot busy only a finished request (or stop) can make room.
             timeout = math.inf if free <= 0 else max(0.0, self._next_due - time.monotonic())
@@ -175,8 +177,13 @@ class Worker:
 
     async def _learn_next_due(self) -> None:
         # Requests waiting out a retry delay announce nothing when they become due.
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(queries.NEXT_DUE)).fetchone()
+        try:
+            async with self.pool.connection() as conn:
+                row = await (await conn.execute(queries.NEXT_DUE)).fetchone()
+        except psycopg.Error as exc:
+            # The next sweep wakes the claim loop, and asks again.
+            log.warning("could not read when the next retry is due (%s)", _one_line(exc))
+            return
         seconds = row[0] if row and row[0] is not None else None
         self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
 
@@ -201,7 +208,8 @@ class Worker:
         with claim.scope:
             try:
                 if claim.lead is None:
-                    raise PermanentError(f"Lead {claim.lead_id} does not exist.")
+                    missing = f"Lead {claim.lead_id} does not exist."
+                    raise PermanentError(missing, kind="lead_missing")
                 plan = await self.planner.plan(claim.lead)
             except PlanningError as exc:
                 error = exc
