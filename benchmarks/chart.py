@@ -24,10 +24,9 @@ def w1_chart(results: dict[str, Any], path: Path, machine: str) -> str:
         return "chart skipped: matplotlib is not installed (pip install -e '.[bench]')"
 
     figure, axes = plt.subplots(figsize=(8, 4.2), dpi=120)
-    series = [
-        (planbus, "samples_to_llm_ms", "planbus: commit → LLM call", "#1f6feb", "-"),
-        (planbus, "samples_to_claim_ms", "planbus: commit → claim", "#1f6feb", ":"),
-    ]
+    # Only commit -> LLM call: commit -> claim compares the client's clock reading with the
+    # claim's now(), and can be slightly negative, which a log scale cannot show.
+    series = [(planbus, "samples_to_llm_ms", "planbus: commit → LLM call", "#1f6feb", "-")]
     if baseline:
         series += [
             (
@@ -39,7 +38,7 @@ def w1_chart(results: dict[str, Any], path: Path, machine: str) -> str:
             ),
         ]
     for data, key, label, color, style in series:
-        values = sorted(max(v, 0.01) for v in data[key])
+        values = sorted(data[key])
         fractions = [(i + 1) / len(values) for i in range(len(values))]
         axes.step(values, fractions, where="post", label=label, color=color, linestyle=style)
     axes.set_xscale("log")

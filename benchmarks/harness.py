@@ -34,7 +34,6 @@ from planbus.embedded import EmbeddedPostgres
 TEMPLATE = "bench_template"
 PLANBUS_READY = "listening on channel plan_requests"
 BASELINE_READY = "baseline worker polling"
-NATIVE = ["--native"] if os.environ.get("BENCH_NATIVE") else []
 TICKS = os.sysconf("SC_CLK_TCK")
 
 # PostgreSQL's own defaults otherwise: fsync, synchronous_commit and full_page_writes stay on,
@@ -236,7 +235,7 @@ class WorkerProcess:
                 "--format",
                 "raw",
                 "--rate",
-                "250",
+                os.environ.get("BENCH_PYSPY_RATE", "250"),
                 "--nonblocking",
                 "--output",
                 str(path),
@@ -403,7 +402,7 @@ STATEMENT_KINDS = {
     "sweep": "WITH expired AS",
     "claim": "WITH claimed AS",
     "next due": "min(run_after)",
-    "complete": "WITH done AS",
+    "complete": "WITH input AS",
     "give back": "WITH given AS",
     "heartbeat": "SET lease_expires_at = now()",
 }
