@@ -197,21 +197,24 @@ async def kill_loop(soak: Soak, deadline: float, tg: TaskGroup) -> None:
         await anyio.sleep(random.uniform(0.5, 1.5) * soak.args.kill_every)
         if time.monotonic() >= deadline:
             return
-        victim = random.choice(soak.killable)
-        await victim.kill()
-        at = time.monotonic()
-        async with await connect(soak.dsn) as conn:
-            cursor = await conn.execute(
-                "SELECT id FROM plan_requests WHERE status = 'processing' AND worker_id = %s",
-                (f"{host}:{victim.pid}",),
+        # Kill and replace as one step: stopping the run in between must not leave a dead
+        # worker in the list, or fewer workers than asked for.
+        with anyio.CancelScope(shield=True):
+            victim = random.choice(soak.killable)
+            await victim.kill()
+            at = time.monotonic()
+            async with await connect(soak.dsn) as conn:
+                cursor = await conn.execute(
+                    "SELECT id FROM plan_requests WHERE status = 'processing' AND worker_id = %s",
+                    (f"{host}:{victim.pid}",),
+                )
+                inflight = [row[0] for row in await cursor.fetchall()]
+            kill = Kill(at, victim.pid, inflight)
+            soak.kills.append(kill)
+            soak.say(f"killed worker {victim.pid} with {len(inflight)} requests in flight")
+            soak.killable[soak.killable.index(victim)] = await soak.fleet.start(
+                *WORKER_FLAGS, env=WORKER_ENV
             )
-            inflight = [row[0] for row in await cursor.fetchall()]
-        kill = Kill(at, victim.pid, inflight)
-        soak.kills.append(kill)
-        soak.say(f"killed worker {victim.pid} with {len(inflight)} requests in flight")
-        soak.killable[soak.killable.index(victim)] = await soak.fleet.start(
-            *WORKER_FLAGS, env=WORKER_ENV
-        )
         tg.start_soon(watch_recovery, soak, kill, f"{host}:{victim.pid}")
 
 
