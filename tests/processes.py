@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,12 +106,16 @@ class WorkerProcess:
         except FileNotFoundError:
             return ""
 
-    async def wait_for_log(self, text: str, within: float = 15.0, *, count: int = 1) -> str:
-        """Wait until `text` appears in the log `count` times; fail early if the worker exits."""
+    async def wait_for_log(
+        self, text: str | re.Pattern[str], within: float = 15.0, *, count: int = 1
+    ) -> str:
+        """Wait until `text` (a string or a pattern) appears in the log `count` times; fail
+        early if the worker exits."""
         with anyio.move_on_after(within):
             while True:
                 log = self.log()
-                if log.count(text) >= count:
+                found = len(text.findall(log)) if isinstance(text, re.Pattern) else log.count(text)
+                if found >= count:
                     return log
                 if self.process is not None and self.process.returncode is not None:
                     raise AssertionError(
