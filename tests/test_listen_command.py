@@ -194,3 +194,14 @@ def test_embedded_default_starts_migrates_and_reuses_its_data(
         kept = conn.execute("SELECT count(*) FROM plan_requests").fetchone()
     assert kept == (1,)
     assert second.stop() == 0
+
+
+def test_sigterm_during_start_up_exits_cleanly(
+    tmp_path: Path, listener_factory: list[Listener]
+) -> None:
+    listener = Listener(listen_env(PLANBUS_DATA_DIR=str(tmp_path / "pg")))
+    listener_factory.append(listener)
+    listener.wait_for_line("initialising a new PostgreSQL data folder")
+    assert listener.stop() == 0
+    assert any("stopped during start-up" in line for line in listener.lines)
+    assert not any(READY in line for line in listener.lines)

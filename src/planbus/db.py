@@ -71,7 +71,6 @@ def make_pool(dsn: str, size: int) -> AsyncConnectionPool:
         open=False,
         timeout=10,
         name="planbus",
-        reconnect_timeout=0,  # keep trying while the database is away; never give up
     )
 
 

@@ -22,27 +22,61 @@ log = logging.getLogger("planbus.listen")
 
 
 async def serve(settings: Settings) -> None:
-    """Connect, check the schema, and run one worker until a signal stops it."""
+    """Run one worker until a signal stops it; a signal during start-up ends it cleanly."""
+    shutdown = Shutdown()
+    failure: ConfigurationError | None = None
+    async with anyio.create_task_group() as tg:
+        await tg.start(stop_on_signals, shutdown)
+        try:
+            await run_worker(settings, shutdown)
+        except ConfigurationError as exc:
+            failure = exc  # raised here, outside the task group, as one plain error
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    log.info("stopped")
+
+
+class Shutdown:
+    """Where a signal goes: the running worker, or the start-up still under way."""
+
+    def __init__(self) -> None:
+        self.starting = anyio.CancelScope()
+        self.worker: Worker | None = None
+
+    def request(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        else:
+            self.starting.cancel()
+
+
+async def run_worker(settings: Settings, shutdown: Shutdown) -> None:
+    """Connect, check the schema, and run the worker until `shutdown` asks it to stop."""
     async with AsyncExitStack() as stack:
-        dsn = settings.database_url
-        if dsn is None:
-            dsn = await anyio.to_thread.run_sync(start_embedded, settings, stack)
-        await db.check_database(dsn, migrate.head_revision())
-        if settings.work_database_url:
-            await db.check_database(settings.work_database_url, None)
-        planner = make_planner(settings)
-        stack.push_async_callback(planner.aclose)
-        pool = db.make_pool(settings.work_database_url or dsn, settings.pool_size)
-        await pool.open(wait=True, timeout=30)
-        stack.push_async_callback(pool.close)
-        worker = Worker(settings, dsn, pool, planner, db.worker_name())
+        with shutdown.starting:
+            dsn = settings.database_url
+            if dsn is None:
+                dsn = await anyio.to_thread.run_sync(start_embedded, settings, stack)
+            await db.check_database(dsn, migrate.head_revision())
+            if settings.work_database_url:
+                await db.check_database(settings.work_database_url, None)
+            planner = make_planner(settings)
+            stack.push_async_callback(planner.aclose)
+            pool = db.make_pool(settings.work_database_url or dsn, settings.pool_size)
+            await pool.open(wait=True, timeout=30)
+            stack.push_async_callback(pool.close)
+            shutdown.worker = Worker(settings, dsn, pool, planner, db.worker_name())
+        if shutdown.starting.cancel_called:
+            log.info("stopped during start-up; nothing was claimed")
+            return
+        worker = shutdown.worker
+        assert worker is not None
         async with anyio.create_task_group() as tg:
-            await tg.start(stop_on_signals, worker)
             if settings.metrics_port:
                 await tg.start(metrics.serve, worker, settings.metrics_host, settings.metrics_port)
             await worker.run()
             tg.cancel_scope.cancel()
-    log.info("stopped")
 
 
 def start_embedded(settings: Settings, stack: AsyncExitStack) -> str:
@@ -58,7 +92,7 @@ def start_embedded(settings: Settings, stack: AsyncExitStack) -> str:
 
 
 async def stop_on_signals(
-    worker: Worker, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    shutdown: Shutdown, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
@@ -67,7 +101,7 @@ async def stop_on_signals(
                 "received %s: claiming nothing new, finishing in-flight requests",
                 signal.Signals(signum).name,
             )
-            worker.stop()
+            shutdown.request()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
