@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
+from psycopg.abc import RV, PQGen
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
@@ -82,6 +83,23 @@ class ListenerState:
         self.reconnects = 0
 
 
+class ListenConnection(psycopg.AsyncConnection[Any]):
+    """The LISTEN connection, which waits for its socket without a polling timer.
+
+    psycopg wakes every 0.1 s while it waits, to notice interruptions; on a connection that
+    waits for notifications all day that was most of an idle worker's CPU (0.2 s a minute,
+    measured; 0.04 s without it). Asyncio cancellation and a closed socket still end the wait.
+    """
+
+    async def wait(
+        self,
+        gen: PQGen[RV],
+        interval: float = 3600.0,
+        timeout: float | None = None,  # noqa: ASYNC109 (psycopg's signature)
+    ) -> RV:
+        return await super().wait(gen, interval=max(interval, 3600.0), timeout=timeout)
+
+
 async def listen_forever(
     dsn: str,
     on_notify: Callable[[], None],
@@ -100,7 +118,7 @@ async def listen_forever(
     while True:
         try:
             # TCP keepalives: a LISTEN connection that dies silently would cost every wake-up.
-            async with await psycopg.AsyncConnection.connect(
+            async with await ListenConnection.connect(
                 dsn,
                 autocommit=True,
                 application_name="planbus-listen",
