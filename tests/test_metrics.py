@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -27,6 +23,7 @@ from planbus.planner import TemplatePlanner
 from planbus.worker import Worker
 from tests.conftest import TestServer
 from tests.helpers import Database, running_worker, wait_until
+from tests.processes import WorkerProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -212,45 +209,26 @@ async def test_listen_serves_metrics_and_logs_each_state_change_as_json(
     database: Database, tmp_path: Path
 ) -> None:
     port = free_port()
-    log_path = tmp_path / "worker.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLANBUS_", "OPENAI_"))}
-    env.pop("DATABASE_URL", None)
-    command = [
-        sys.executable,
-        "-m",
-        "planbus.listen",
-        f"--database-url={database.url}",
-        f"--metrics-port={port}",
-        "--planner=template",
-        "--log-format=json",
-    ]
+    worker = WorkerProcess(
+        database.url,
+        tmp_path / "worker.log",
+        flags=[f"--metrics-port={port}", "--log-format=json"],
+    )
     lead = await database.insert_lead()
-
-    async def read_log() -> str:
-        return log_path.read_text()
-
-    with log_path.open("wb") as log_file:
-        process = await anyio.open_process(
-            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env
-        )
-        try:
-            await wait_until(read_log, lambda t: "listening on channel" in t, 30, "the ready line")
-            status, _, _ = await get(f"http://127.0.0.1:{port}/healthz")
-            request_id = await database.insert_request(lead)
-            await database.wait_for(request_id)
-            _, _, text = await get(f"http://127.0.0.1:{port}/metrics")
-            process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(30):
-                code = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    try:
+        await worker.start()
+        status, _, _ = await get(f"http://127.0.0.1:{port}/healthz")
+        request_id = await database.insert_request(lead)
+        await database.wait_for(request_id)
+        _, _, text = await get(f"http://127.0.0.1:{port}/metrics")
+        code, _ = await worker.terminate()
+    finally:
+        await worker.aclose()
 
     assert status == 200
     assert sample(text, "planbus_requests_total", outcome="completed") == 1
     assert code == 0
-    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    lines = [json.loads(line) for line in worker.log().splitlines()]
     changes = [line for line in lines if line.get("request_id") == request_id]
     assert [c["outcome"] for c in changes] == ["claimed", "completed"]
     for change in changes:
