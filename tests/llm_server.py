@@ -44,6 +44,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None  # the whole JSON body, for error answers
     hang: bool = False  # never answer (until the server stops)
+    drop: bool = False  # close the connection without answering
 
 
 @dataclass
@@ -146,6 +147,8 @@ class FakeLLM:
                                 )
                                 + "\n"
                             )
+                if reply.drop:
+                    break
                 if reply.hang:
                     assert self._stopping is not None
                     await self._stopping.wait()

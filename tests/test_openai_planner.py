@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, get_args
 
@@ -297,6 +298,39 @@ async def test_server_that_never_answers_ends_failed_with_a_timeout_error(
     assert request["status"] == "failed"
     assert request["attempts"] == 2
     assert request["result"] == {"error": "The LLM call timed out after 0.3 s."}
+
+
+async def test_connection_dropped_by_the_server_is_a_connection_error(
+    database: Database, llm: FakeLLM
+) -> None:
+    llm.default = Reply(drop=True)
+    lead = await database.insert_lead()
+    async with openai_worker(database, max_attempts=2):
+        request_id = await database.insert_request(lead)
+        request = await database.wait_for(request_id, within=10)
+
+    assert request["status"] == "failed"
+    assert request["attempts"] == 2
+    assert request["result"] == {"error": "Could not connect to the LLM server."}
+    assert len(llm.calls) == 2
+
+
+async def test_server_that_refuses_connections_is_a_connection_error(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    lead = await database.insert_lead()
+    async with openai_worker(database, max_attempts=2):
+        request_id = await database.insert_request(lead)
+        request = await database.wait_for(request_id, within=10)
+
+    assert request["status"] == "failed"
+    assert request["attempts"] == 2
+    assert request["result"] == {"error": "Could not connect to the LLM server."}
 
 
 LEAD_FIELDS: dict[str, Any] = {
