@@ -13,6 +13,14 @@ LISTEN: LiteralString = "LISTEN plan_requests"
 
 # Claim up to %(limit)s due requests in one statement, and load their leads with them.
 # ARRAY(...) evaluates the locking subquery exactly once; IN (subquery) may not.
+# The same statement says when the earliest request still waiting out a retry delay becomes
+# due (requests becoming due announce nothing), so the claim loop can sleep exactly that long
+# without a second round trip. It always returns at least one row: with nothing claimed, a row
+# whose claim columns are NULL.
+# Its commit does not wait for the WAL flush (synchronous_commit off, for this transaction only):
+# a claim lost to a database crash reverts the request to `pending`, to be claimed again, and
+# whatever the first claimant then writes is fenced out by its claim token. Every write that
+# ends a claim commits durably, and its flush covers the claim before it.
 CLAIM: LiteralString = """
 WITH claimed AS (
     UPDATE plan_requests AS r
@@ -30,22 +38,21 @@ WITH claimed AS (
                 LIMIT %(limit)s
                   FOR UPDATE SKIP LOCKED))
  RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.claim_token, r.created_at, r.claimed_at
+), next_due AS (
+    SELECT extract(epoch FROM min(run_after) - now())::float8 AS seconds
+      FROM plan_requests
+     WHERE status = 'pending' AND run_after > now()
 )
-SELECT c.id, c.lead_id, c.telegram_id, c.attempts, c.claim_token,
+SELECT n.seconds AS next_due_seconds,
+       c.id, c.lead_id, c.telegram_id, c.attempts, c.claim_token,
        extract(epoch FROM c.claimed_at - c.created_at)::float8 AS waited_seconds,
        l.id IS NOT NULL AS lead_found, l.telegram_id AS lead_telegram_id,
        l.prospect_name, l.prospect_title, l.prospect_company, l.prospect_analysis,
        l.closing_strategy, l.original_context, l.web_research
-  FROM claimed AS c
-  LEFT JOIN lead_registry AS l ON l.id = c.lead_id
+  FROM next_due AS n
+ CROSS JOIN set_config('synchronous_commit', 'off', true) AS async_commit
+  LEFT JOIN (claimed AS c LEFT JOIN lead_registry AS l ON l.id = c.lead_id) ON true
  ORDER BY c.id
-"""
-
-# When the next pending request becomes due, so the claim loop can sleep exactly that long.
-NEXT_DUE: LiteralString = """
-SELECT extract(epoch FROM min(run_after) - now())::float8
-  FROM plan_requests
- WHERE status = 'pending' AND run_after > now()
 """
 
 # One statement extends every claim this process holds; it returns the ids still held.

@@ -132,10 +132,6 @@ class Worker:
                 for claim in claims:
                     self.inflight[claim.id] = claim
                     requests.start_soon(self._process, claim)
-                if len(claims) < free:
-                    # Only after the claimed requests are on their way: not on their path.
-                    await anyio.lowlevel.checkpoint()
-                    await self._learn_next_due()
                 continue
             # With every slot busy only a finished request (or stop) can make room.
             timeout = math.inf if free <= 0 else max(0.0, self._next_due - time.monotonic())
@@ -158,9 +154,11 @@ class Worker:
                 },
             )
             rows = await cursor.fetchall()
-        if len(rows) == limit:
+        seconds = rows[0]["next_due_seconds"] if rows else None
+        self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
+        claims = [Claim.from_row(row) for row in rows if row["id"] is not None]
+        if len(claims) == limit:
             self._maybe_more = True
-        claims = [Claim.from_row(row) for row in rows]
         for claim in claims:
             log.info(
                 "request %d lead %d claimed (attempt %d, waited %.1f ms)",
@@ -174,18 +172,6 @@ class Worker:
             )
             self.metrics.claimed(claim.attempt, claim.waited_seconds)
         return claims
-
-    async def _learn_next_due(self) -> None:
-        # Requests waiting out a retry delay announce nothing when they become due.
-        try:
-            async with self.pool.connection() as conn:
-                row = await (await conn.execute(queries.NEXT_DUE)).fetchone()
-        except psycopg.Error as exc:
-            # The next sweep wakes the claim loop, and asks again.
-            log.warning("could not read when the next retry is due (%s)", _one_line(exc))
-            return
-        seconds = row[0] if row and row[0] is not None else None
-        self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
 
     def _on_notify(self) -> None:
         self._maybe_more = True
