@@ -241,7 +241,8 @@ def slow_model(bench: Bench, *, fan_out: bool = False, baseline: bool = False) -
 
 # -- idle ----------------------------------------------------------------------------------
 
-# What one sweep does: the sweep statement, then the claim and next-due check it wakes.
+# What one sweep does: the sweep statement, then the claim it wakes ("next due": the separate
+# statement that code before the claim learned the next retry's due time sent after it).
 SWEEP_CYCLE = ("sweep", "claim", "next due")
 
 
