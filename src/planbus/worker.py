@@ -129,9 +129,13 @@ class Worker:
                     self._maybe_more = True
                     await anyio.sleep(delay)
                     continue
+                self.inflight.update((claim.id, claim) for claim in claims)
                 for claim in claims:
-                    self.inflight[claim.id] = claim
                     requests.start_soon(self._process, claim)
+                    # Let each request reach the network before the next one is built: the
+                    # HTTP client sends from a task of its own, so without this pause a batch
+                    # of n claims sends nothing until all n requests are built.
+                    await anyio.lowlevel.checkpoint()
                 continue
             # With every slot busy only a finished request (or stop) can make room.
             timeout = math.inf if free <= 0 else max(0.0, self._next_due - time.monotonic())
