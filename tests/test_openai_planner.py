@@ -81,6 +81,14 @@ def openai_worker(database: Database, **overrides: Any) -> Any:
     return running_worker(database.url, planner="openai", **values)
 
 
+async def request_to_the_end(database: Database, **overrides: Any) -> dict[str, Any]:
+    """One request for a new lead through an openai worker, until it is completed or failed."""
+    lead = await database.insert_lead()
+    async with openai_worker(database, **overrides):
+        request_id = await database.insert_request(lead)
+        return await database.wait_for(request_id, within=10)
+
+
 async def lead_plan(database: Database, lead_id: int) -> Any:
     return await database.value(
         "SELECT engagement_plan FROM lead_registry WHERE id = %s", (lead_id,)
@@ -290,10 +298,7 @@ async def test_server_that_never_answers_ends_failed_with_a_timeout_error(
     database: Database, llm: FakeLLM
 ) -> None:
     llm.default = Reply(hang=True)
-    lead = await database.insert_lead()
-    async with openai_worker(database, llm_timeout_seconds=0.3, max_attempts=2):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id, within=10)
+    request = await request_to_the_end(database, llm_timeout_seconds=0.3, max_attempts=2)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
@@ -304,10 +309,7 @@ async def test_connection_dropped_by_the_server_is_a_connection_error(
     database: Database, llm: FakeLLM
 ) -> None:
     llm.default = Reply(drop=True)
-    lead = await database.insert_lead()
-    async with openai_worker(database, max_attempts=2):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id, within=10)
+    request = await request_to_the_end(database, max_attempts=2)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
@@ -323,10 +325,7 @@ async def test_server_that_refuses_connections_is_a_connection_error(
         port = probe.getsockname()[1]
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    lead = await database.insert_lead()
-    async with openai_worker(database, max_attempts=2):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id, within=10)
+    request = await request_to_the_end(database, max_attempts=2)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
