@@ -47,4 +47,5 @@ async def test_work_connections_use_the_work_url_and_listen_stays_on_the_databas
     by_name = {(s["application_name"], s["usename"]) for s in sessions}
     assert ("planbus-listen", "postgres") in by_name
     assert ("planbus", role) in by_name
+    assert ("planbus-claim", role) in by_name
     assert ("planbus", "postgres") not in by_name

@@ -184,6 +184,21 @@ async def test_worker_survives_a_database_restart(
     assert "reconnected" in caplog.text
 
 
+async def test_claims_go_on_after_the_claim_connection_is_killed(database: Database) -> None:
+    lead = await database.insert_lead()
+    async with running_worker(database.url, sweep_seconds=3600):
+        first = await database.insert_request(lead)
+        await database.wait_for(first)
+        killed = await database.value(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'planbus-claim'"
+        )
+        after = await database.insert_request(lead)
+        row = await database.wait_for(after, within=10)
+    assert killed == 1
+    assert row["status"] == "completed"
+
+
 async def test_migrations_go_up_down_and_up_again(empty_database_url: str) -> None:
     await anyio.to_thread.run_sync(migrate.upgrade, empty_database_url)
     await anyio.to_thread.run_sync(migrate.downgrade, empty_database_url)

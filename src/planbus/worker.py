@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
 from planbus.backoff import backoff_delay
-from planbus.db import ListenerState, listen_forever
+from planbus.db import ListenerState, connect_for_claims, listen_forever
 from planbus.effects import Claim, Outcome
 from planbus.errors import PermanentError, PlanningError, TransientError
 from planbus.logs import request_fields
@@ -76,6 +76,8 @@ class Worker:
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
+        self._claims_conn: psycopg.AsyncConnection[Any] | None = None
+        self._renew_claims_conn = False  # set after LISTEN reconnects: the server may be new
         self._stopping = False
         self._idle = anyio.Event()
         self._starting = anyio.CancelScope()
@@ -107,7 +109,10 @@ class Worker:
             )
             task_status.started()
             async with anyio.create_task_group() as requests:
-                await self._claim_loop(requests)
+                try:
+                    await self._claim_loop(requests)
+                finally:
+                    await self._drop_claims_connection()
                 await self._drain(requests)
             await self._hand_back_unfinished()
             background.cancel_scope.cancel()
@@ -147,17 +152,22 @@ class Worker:
     async def _claim(self, limit: int) -> list[Claim]:
         # Cleared before the statement, so a notification that lands while it runs counts.
         self._maybe_more = False
-        async with self.pool.connection() as conn:
-            cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(
-                queries.CLAIM,
-                {
-                    "worker_id": self.worker_id,
-                    "lease_seconds": self.settings.lease_seconds,
-                    "limit": limit,
-                },
-            )
-            rows = await cursor.fetchall()
+        conn = self._claims_conn
+        if conn is None or conn.closed or self._renew_claims_conn:
+            await self._drop_claims_connection()
+            self._renew_claims_conn = False
+            work_dsn = self.settings.work_database_url or self.dsn
+            conn = self._claims_conn = await connect_for_claims(work_dsn)
+        cursor = conn.cursor(row_factory=dict_row)
+        await cursor.execute(
+            queries.CLAIM,
+            {
+                "worker_id": self.worker_id,
+                "lease_seconds": self.settings.lease_seconds,
+                "limit": limit,
+            },
+        )
+        rows = await cursor.fetchall()
         seconds = rows[0]["next_due_seconds"] if rows else None
         self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
         claims = [Claim.from_row(row) for row in rows if row["id"] is not None]
@@ -177,6 +187,12 @@ class Worker:
             self.metrics.claimed(claim.attempt, claim.waited_seconds)
         return claims
 
+    async def _drop_claims_connection(self) -> None:
+        conn, self._claims_conn = self._claims_conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
     def _on_notify(self) -> None:
         self._maybe_more = True
         self._wakeup.set()
@@ -187,6 +203,7 @@ class Worker:
             # The database may have restarted: drop pooled connections that died with it.
             with anyio.move_on_after(self.settings.lease_seconds):
                 await self.pool.check()
+            self._renew_claims_conn = True
         self._on_notify()
 
     # -- processing ------------------------------------------------------------------------
