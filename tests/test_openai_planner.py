@@ -81,12 +81,14 @@ def openai_worker(database: Database, **overrides: Any) -> Any:
     return running_worker(database.url, planner="openai", **values)
 
 
-async def request_to_the_end(database: Database, **overrides: Any) -> dict[str, Any]:
+async def request_to_the_end(
+    database: Database, within: float = 15.0, **overrides: Any
+) -> dict[str, Any]:
     """One request for a new lead through an openai worker, until it is completed or failed."""
     lead = await database.insert_lead()
     async with openai_worker(database, **overrides):
         request_id = await database.insert_request(lead)
-        return await database.wait_for(request_id, within=10)
+        return await database.wait_for(request_id, within=within)
 
 
 async def lead_plan(database: Database, lead_id: int) -> Any:
@@ -122,10 +124,7 @@ async def test_plan_from_the_model_is_stored_as_given(database: Database, llm: F
 
 async def test_server_error_is_retried_then_completes(database: Database, llm: FakeLLM) -> None:
     llm.script(Reply(status=500), Reply(steps=MODEL_STEPS))
-    lead = await database.insert_lead()
-    async with openai_worker(database):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id)
+    request = await request_to_the_end(database)
 
     assert request["status"] == "completed"
     assert request["attempts"] == 2
@@ -135,11 +134,8 @@ async def test_server_error_is_retried_then_completes(database: Database, llm: F
 
 async def test_rate_limited_retry_waits_for_retry_after(database: Database, llm: FakeLLM) -> None:
     llm.script(Reply(status=429, headers={"Retry-After": "1"}))
-    lead = await database.insert_lead()
     # Without Retry-After the retry would come after about retry_base_seconds (0.05 s).
-    async with openai_worker(database, retry_max_seconds=5.0):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id)
+    request = await request_to_the_end(database, retry_max_seconds=5.0)
 
     assert request["status"] == "completed"
     assert request["attempts"] == 2
@@ -151,10 +147,7 @@ async def test_server_that_keeps_failing_fails_after_the_last_attempt(
     database: Database, llm: FakeLLM
 ) -> None:
     llm.default = Reply(status=500)
-    lead = await database.insert_lead()
-    async with openai_worker(database, max_attempts=3):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id)
+    request = await request_to_the_end(database, max_attempts=3)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 3
@@ -167,10 +160,7 @@ async def test_refused_credentials_fail_at_once_and_are_logged_as_errors(
     database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
     llm.default = Reply(status=401)
-    lead = await database.insert_lead()
-    async with openai_worker(database, max_attempts=3):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id)
+    request = await request_to_the_end(database, max_attempts=3)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 1
@@ -186,10 +176,7 @@ async def test_other_client_errors_fail_at_once_with_the_servers_reason(
     llm.default = Reply(
         status=404, body={"error": {"message": f"The model `{MODEL}` does not exist."}}
     )
-    lead = await database.insert_lead()
-    async with openai_worker(database, max_attempts=3):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id)
+    request = await request_to_the_end(database, max_attempts=3)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 1
@@ -283,10 +270,7 @@ async def test_server_that_never_answers_times_out_and_is_retried(
     database: Database, llm: FakeLLM
 ) -> None:
     llm.script(Reply(hang=True), Reply(hang=True), Reply(steps=MODEL_STEPS))
-    lead = await database.insert_lead()
-    async with openai_worker(database, llm_timeout_seconds=0.5, max_attempts=3):
-        request_id = await database.insert_request(lead)
-        request = await database.wait_for(request_id, within=10)
+    request = await request_to_the_end(database, within=10, llm_timeout_seconds=0.5, max_attempts=3)
 
     assert request["status"] == "completed"
     assert request["attempts"] == 3
@@ -298,7 +282,7 @@ async def test_server_that_never_answers_ends_failed_with_a_timeout_error(
     database: Database, llm: FakeLLM
 ) -> None:
     llm.default = Reply(hang=True)
-    request = await request_to_the_end(database, llm_timeout_seconds=0.3, max_attempts=2)
+    request = await request_to_the_end(database, within=10, llm_timeout_seconds=0.3, max_attempts=2)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
@@ -309,7 +293,7 @@ async def test_connection_dropped_by_the_server_is_a_connection_error(
     database: Database, llm: FakeLLM
 ) -> None:
     llm.default = Reply(drop=True)
-    request = await request_to_the_end(database, max_attempts=2)
+    request = await request_to_the_end(database, within=10, max_attempts=2)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
@@ -325,7 +309,7 @@ async def test_server_that_refuses_connections_is_a_connection_error(
         port = probe.getsockname()[1]
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    request = await request_to_the_end(database, max_attempts=2)
+    request = await request_to_the_end(database, within=10, max_attempts=2)
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
