@@ -279,6 +279,17 @@ async def test_demo_plans_three_sample_leads(
     assert [r["status"] for r in rows] == ["completed"] * 3
 
 
+async def test_demo_claims_on_its_own_database_whatever_the_environment_says(
+    database: Database, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A work URL in the environment belongs to some deployment, not to the demo's database.
+    monkeypatch.setenv("PLANBUS_WORK_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/nowhere")
+    code, _, err = await run(capsys, "demo", "--database-url", database.url, "--timeout", "30")
+    assert code == 0, err
+    rows = await database.fetchall("SELECT status FROM plan_requests")
+    assert [r["status"] for r in rows] == ["completed"] * 3
+
+
 def planbus(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m planbus ARGV` as a child process, with no database or LLM settings inherited."""
     clean = {

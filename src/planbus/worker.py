@@ -71,7 +71,7 @@ class Worker:
         self.listener = ListenerState()
         self.metrics = WorkerMetrics(self.listener, lambda: len(self.inflight))
         self.inflight: dict[int, Claim] = {}
-        # Half the pool writes effects, so claims, heartbeats and the sweep never queue for long.
+        # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
@@ -156,8 +156,7 @@ class Worker:
         if conn is None or conn.closed or self._renew_claims_conn:
             await self._drop_claims_connection()
             self._renew_claims_conn = False
-            work_dsn = self.settings.work_database_url or self.dsn
-            conn = self._claims_conn = await connect_for_claims(work_dsn)
+            conn = self._claims_conn = await connect_for_claims(self.pool)
         cursor = conn.cursor(row_factory=dict_row)
         await cursor.execute(
             queries.CLAIM,
