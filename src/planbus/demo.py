@@ -1,4 +1,7 @@
-"""`python -m planbus demo`: three sample leads planned on the embedded database, live."""
+"""`python -m planbus demo`: three sample leads planned on the embedded database, live.
+
+The sample leads are made once and reused by every later run.
+"""
 
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
         if row["status"] == "completed":
             print(console.plan_table(result.get("plan", []), indent="  "))
         else:
-            print(f"  {row['status']}: {result.get('error', 'did not finish in time')}")
+            error = console.clean(result.get("error", "did not finish in time"))
+            print(f"  {row['status']}: {error}")
         print()
     if args.database_url is None:
         print("Next: `python -m planbus.listen` runs a worker on this database; then")
@@ -82,7 +86,7 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
 
 async def _demo_request(conn: psycopg.AsyncConnection[Any], lead: dict[str, str]) -> int:
     (row,) = await client.fetchall(
-        conn, queries.INSERT_DEMO_LEAD, {"telegram_id": DEMO_TELEGRAM_ID, **lead}
+        conn, queries.DEMO_LEAD, {"telegram_id": DEMO_TELEGRAM_ID, **lead}
     )
     request_id, _, _ = await client.insert_request(conn, row["id"], None)
     return request_id

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from alembic import command
 from planbus.errors import ConfigurationError
@@ -29,9 +30,22 @@ def alembic_config(dsn: str) -> Config:
     return config
 
 
-def upgrade(dsn: str) -> None:
-    """`alembic upgrade head` against `dsn`."""
-    command.upgrade(alembic_config(dsn), "head")
+def upgrade(dsn: str, target: str = "head") -> None:
+    """`alembic upgrade <target>` against `dsn`; a target that is no upgrade from where the
+    database stands (unknown, or behind it) raises ConfigurationError."""
+    try:
+        command.upgrade(alembic_config(dsn), target)
+    except CommandError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigurationError(f"cannot migrate to {target!r}: {reason}") from None
+
+
+def revisions_between(older: str | None, newer: str) -> list[str]:
+    """The revisions an upgrade from `older` (None: an empty schema) to `newer` applies, in
+    the order it applies them."""
+    script = ScriptDirectory(str(script_location()))
+    steps = script.iterate_revisions(newer, older or "base")
+    return [revision.revision for revision in reversed(list(steps))]
 
 
 def downgrade(dsn: str, target: str = "base") -> None:
