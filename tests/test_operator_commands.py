@@ -411,3 +411,13 @@ async def test_stored_escape_sequences_never_reach_the_terminal(
     assert "\x1b" not in text and "\u202e" not in text
     assert "Bad\\x1b[2J\\x1b[31mnews\\u202e." in text
     assert "Like\\x1b[2J" in text and "Eve\\x1b[2J" in text
+
+
+async def test_migrate_refuses_to_go_back(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = await run(
+        capsys, "migrate", "--to", "0002_tma_rights", "--database-url", database.url
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert await database.value("SELECT version_num FROM alembic_version") == queries_head()

@@ -213,7 +213,7 @@ async def migrate_command(settings: Settings, args: argparse.Namespace) -> int:
         async with await client.connect(dsn) as conn:
             where = clean(await client.describe(conn, settings))
             before = await client.schema_revision(conn)
-            await anyio.to_thread.run_sync(migrate.upgrade, dsn, args.to)
+            await anyio.to_thread.run_sync(migrate.upgrade, dsn, args.to, before)
             after = await client.schema_revision(conn)
     if after is None or before == after:
         head = " (head)" if after == migrate.head_revision() else ""

@@ -30,9 +30,14 @@ def alembic_config(dsn: str) -> Config:
     return config
 
 
-def upgrade(dsn: str, target: str = "head") -> None:
-    """`alembic upgrade <target>` against `dsn`; a target that is no upgrade from where the
-    database stands (unknown, or behind it) raises ConfigurationError."""
+def upgrade(dsn: str, target: str = "head", current: str | None = None) -> None:
+    """`alembic upgrade <target>` against `dsn`, which stands at `current`; a target that is
+    unknown or behind `current` raises ConfigurationError (downgrades are never implicit)."""
+    if current is not None and target in revisions_between(None, current)[:-1]:
+        raise ConfigurationError(
+            f"the database is at {current}, past {target}; to go back, run "
+            f"`alembic downgrade {target}` from the repository checkout"
+        )
     try:
         command.upgrade(alembic_config(dsn), target)
     except CommandError as exc:

@@ -165,7 +165,10 @@ WITH expired AS (
     UPDATE plan_requests AS r
        SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
            result = CASE WHEN r.attempts >= %(max_attempts)s
-                         THEN jsonb_build_object('error', %(lost_error)s::text) ELSE r.result END,
+                         THEN jsonb_build_object('error', %(lost_error)s::text)
+                              || jsonb_strip_nulls(jsonb_build_object(
+                                     'previous_error', r.result -> 'previous_error'))
+                         ELSE r.result END,
            last_error = %(lost_error)s::text,
            claim_token = NULL,
            lease_expires_at = NULL,
