@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,8 +17,8 @@ from psycopg.abc import RV, PQGen
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
-from planbus.backoff import backoff_delay
-from planbus.errors import ConfigurationError
+from planbus.errors import ConfigurationError, one_line
+from planbus.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ def redact(dsn: str) -> str:
 
 def worker_name() -> str:
     """host:pid, stored on each claim so an operator can see who holds it."""
-    import os
-
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -41,9 +41,8 @@ async def check_database(dsn: str, head: str | None) -> None:
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"invalid database URL {redact(dsn)!r}: {exc}") from None
     except psycopg.OperationalError as exc:
-        reason = " ".join(str(exc).split())
         raise ConfigurationError(
-            f"cannot connect to the database at {redact(dsn)}: {reason}"
+            f"cannot connect to the database at {redact(dsn)}: {one_line(exc)}"
         ) from None
     async with conn:
         ready = await (await conn.execute(queries.SCHEMA_READY)).fetchone()
@@ -127,7 +126,7 @@ async def listen_forever(
     `on_connect(reconnected)` runs after every (re)connect so the caller can catch up on
     notifications it may have missed while disconnected.
     """
-    failures = 0
+    backoff = Backoff(base=0.05, cap=5.0)
     started = False
     while True:
         try:
@@ -145,8 +144,10 @@ async def listen_forever(
                 state.connected = True
                 if started:
                     state.reconnects += 1
-                    log.info("LISTEN connection reconnected after %d failed attempts", failures)
-                failures = 0
+                    log.info(
+                        "LISTEN connection reconnected after %d failed attempts", backoff.failures
+                    )
+                backoff.succeeded()
                 await on_connect(started)
                 if not started:
                     started = True
@@ -155,11 +156,6 @@ async def listen_forever(
                     on_notify()
         except psycopg.OperationalError as exc:
             state.connected = False
-            failures += 1
-            delay = backoff_delay(failures, base=0.05, cap=5.0)
-            log.warning(
-                "LISTEN connection lost (%s); reconnecting in %.2fs",
-                " ".join(str(exc).split()) or type(exc).__name__,
-                delay,
-            )
+            delay = backoff.failed(time.monotonic())
+            log.warning("LISTEN connection lost (%s); reconnecting in %.2fs", one_line(exc), delay)
             await anyio.sleep(delay)

@@ -21,8 +21,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
-from planbus.backoff import backoff_delay
+from planbus.errors import one_line
 from planbus.plan import Lead, LeadId, Plan, RequestId
+from planbus.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ class Claim:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     lost: bool = False
     writing: bool = False
-    retry_delay: float = 0.0
     started: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -224,20 +224,15 @@ async def _fenced_write(
     If a commit succeeded but its answer was lost, the retry matches nothing and reports
     `lost`, which is still exactly once.
     """
-    failures = 0
+    backoff = Backoff(base=0.1, cap=2.0, deadline=deadline)
     while True:
         try:
             async with pool.connection() as conn:
                 cursor = await conn.execute(query, params)
                 return await cursor.fetchall()
         except psycopg.OperationalError as exc:
-            failures += 1
-            delay = backoff_delay(failures, base=0.1, cap=2.0)
-            if time.monotonic() + delay > deadline:
+            delay = backoff.failed(time.monotonic())
+            if backoff.give_up():
                 raise
-            log.warning("database write failed (%s); retrying in %.2fs", _one_line(exc), delay)
+            log.warning("database write failed (%s); retrying in %.2fs", one_line(exc), delay)
             await anyio.sleep(delay)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -19,13 +19,13 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
-from planbus.backoff import backoff_delay
 from planbus.db import ListenerState, connect_for_claims, listen_forever
 from planbus.effects import Claim, Outcome
-from planbus.errors import PermanentError, PlanningError, TransientError
+from planbus.errors import PermanentError, PlanningError, TransientError, one_line
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
 from planbus.planner import Planner
+from planbus.retry import Backoff, RetryDecision, decide
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,17 +120,16 @@ class Worker:
     # -- claiming --------------------------------------------------------------------------
 
     async def _claim_loop(self, requests: TaskGroup) -> None:
-        failures = 0
+        backoff = Backoff(base=0.05, cap=2.0)
         while not self._stopping:
             free = self.settings.concurrency - len(self.inflight)
             if free > 0 and self._due():
                 try:
                     claims = await self._claim(free)
-                    failures = 0
+                    backoff.succeeded()
                 except psycopg.Error as exc:
-                    failures += 1
-                    delay = backoff_delay(failures, base=0.05, cap=2.0)
-                    log.warning("claim failed (%s); retrying in %.2fs", _one_line(exc), delay)
+                    delay = backoff.failed(time.monotonic())
+                    log.warning("claim failed (%s); retrying in %.2fs", one_line(exc), delay)
                     self._maybe_more = True
                     await anyio.sleep(delay)
                     continue
@@ -226,11 +225,12 @@ class Worker:
             self._release(claim)
             self.metrics.finished("lost", time.monotonic() - claim.started, error)
             return
+        retry = None if error is None else self._decide(claim, error)
         claim.writing = True
         with anyio.CancelScope(shield=True):
-            outcome = await self._finish(claim, plan, error)
+            outcome = await self._finish(claim, plan, error, retry)
         self._release(claim)
-        self._log_outcome(claim, outcome, error)
+        self._log_outcome(claim, outcome, error, retry)
 
     def _release(self, claim: Claim) -> None:
         self.inflight.pop(claim.id, None)
@@ -239,34 +239,42 @@ class Worker:
         if self._stopping and not self.inflight:
             self._idle.set()
 
-    async def _finish(self, claim: Claim, plan: Any, error: PlanningError | None) -> Outcome:
+    def _decide(self, claim: Claim, error: PlanningError) -> RetryDecision:
+        return decide(
+            error,
+            claim.attempt,
+            max_attempts=self.settings.max_attempts,
+            base=self.settings.retry_base_seconds,
+            cap=self.settings.retry_max_seconds,
+        )
+
+    async def _finish(
+        self, claim: Claim, plan: Any, error: PlanningError | None, retry: RetryDecision | None
+    ) -> Outcome:
         deadline = time.monotonic() + self.settings.lease_seconds
         try:
-            if error is None:
+            if error is None or retry is None:
                 return await self.completions.complete(claim, plan, deadline)
-            final = isinstance(error, PermanentError) or claim.attempt >= self.settings.max_attempts
-            delay = backoff_delay(
-                claim.attempt,
-                base=self.settings.retry_base_seconds,
-                cap=self.settings.retry_max_seconds,
-            )
-            if isinstance(error, TransientError) and error.retry_after is not None:
-                delay = max(delay, min(error.retry_after, self.settings.retry_max_seconds))
-            claim.retry_delay = delay
             return await effects.give_back(
                 self.pool,
                 claim,
                 error=error.message,
-                final=final,
-                delay_seconds=delay,
+                final=retry.final,
+                delay_seconds=retry.delay,
                 deadline=deadline,
             )
         except psycopg.Error as exc:
             # The claim stays `processing`; its lease lapses and the sweep hands it on.
-            log.error("request %d: could not record its outcome (%s)", claim.id, _one_line(exc))
+            log.error("request %d: could not record its outcome (%s)", claim.id, one_line(exc))
             return "lost"
 
-    def _log_outcome(self, claim: Claim, outcome: Outcome, error: PlanningError | None) -> None:
+    def _log_outcome(
+        self,
+        claim: Claim,
+        outcome: Outcome,
+        error: PlanningError | None,
+        retry: RetryDecision | None,
+    ) -> None:
         elapsed_ms = (time.monotonic() - claim.started) * 1000
         label = OUTCOME_LABELS[outcome]
         self.metrics.finished(label, elapsed_ms / 1000, error)
@@ -280,7 +288,7 @@ class Worker:
             log.warning(
                 "%s failed, retrying in %.1fs: %s",
                 where,
-                claim.retry_delay,
+                retry.delay if retry else 0.0,
                 error.message if error else "",
                 extra=fields,
             )
@@ -312,7 +320,7 @@ class Worker:
                     )
                     still_held = {row[0] for row in await cursor.fetchall()}
             except psycopg.Error as exc:
-                log.warning("heartbeat failed (%s); will retry", _one_line(exc))
+                log.warning("heartbeat failed (%s); will retry", one_line(exc))
                 continue
             for claim in held:
                 if claim.id not in still_held and not claim.writing:
@@ -342,7 +350,7 @@ class Worker:
                         )
                         self.metrics.recovered(status)
             except psycopg.Error as exc:
-                log.warning("sweep failed (%s); will retry", _one_line(exc))
+                log.warning("sweep failed (%s); will retry", one_line(exc))
             self._on_notify()  # also catches pending rows that no notification announced
             await anyio.sleep(self.settings.sweep_seconds)
 
@@ -367,7 +375,7 @@ class Worker:
                 log.error(
                     "could not hand back %d requests (%s); the sweep will recover them",
                     len(unfinished),
-                    _one_line(exc),
+                    one_line(exc),
                 )
                 return
         handed = set(ids)
@@ -382,7 +390,3 @@ class Worker:
                 )
         log.info("handed back %d unfinished requests as pending: %s", len(ids), ids)
         self.inflight.clear()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
