@@ -1,4 +1,4 @@
-"""The writes that end a claim: complete, give back for a retry, fail, or hand back on stop.
+"""The writes that end a claim: complete, or give back for a retry, or fail.
 
 Each is one statement fenced by the claim token, so it either applies in full while the claim
 is still ours, or writes nothing at all. Completions that finish together share a statement.
@@ -11,7 +11,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, LiteralString
-from uuid import UUID
 
 import anyio
 import psycopg
@@ -22,54 +21,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
 from planbus.errors import one_line
-from planbus.plan import Lead, LeadId, Plan, RequestId
+from planbus.leases import Claim
+from planbus.plan import Plan
 from planbus.retry import Backoff
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False, slots=True)
-class Claim:
-    """A request this process holds, from claim to its last write."""
-
-    id: RequestId
-    lead_id: LeadId
-    telegram_id: int
-    attempt: int
-    token: UUID
-    waited_seconds: float
-    lead: Lead | None
-    # Cancelled when the heartbeat finds the claim taken over; wraps only the planning.
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    lost: bool = False
-    writing: bool = False
-    started: float = field(default_factory=time.monotonic)
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Claim:
-        """Build a claim from one row of `queries.CLAIM`."""
-        lead = None
-        if row["lead_found"]:
-            lead = Lead(
-                id=LeadId(row["lead_id"]),
-                telegram_id=row["lead_telegram_id"],
-                prospect_name=row["prospect_name"],
-                prospect_title=row["prospect_title"],
-                prospect_company=row["prospect_company"],
-                prospect_analysis=row["prospect_analysis"],
-                closing_strategy=row["closing_strategy"],
-                original_context=row["original_context"],
-                web_research=row["web_research"],
-            )
-        return cls(
-            id=RequestId(row["id"]),
-            lead_id=LeadId(row["lead_id"]),
-            telegram_id=row["telegram_id"],
-            attempt=row["attempts"],
-            token=row["claim_token"],
-            waited_seconds=max(0.0, row["waited_seconds"] or 0.0),
-            lead=lead,
-        )
 
 
 Outcome = Literal["completed", "pending", "failed", "lost"]
@@ -200,18 +156,6 @@ async def give_back(
     }
     written = await _fenced_write(pool, queries.GIVE_BACK, params, deadline)
     return status if written else "lost"
-
-
-async def hand_back(pool: AsyncConnectionPool, claims: list[Claim]) -> list[int]:
-    """Return unfinished claims to `pending` at once (graceful stop); the ids handed back."""
-    if not claims:
-        return []
-    async with pool.connection() as conn:
-        cursor = await conn.execute(
-            queries.HAND_BACK,
-            {"ids": [c.id for c in claims], "tokens": [c.token for c in claims]},
-        )
-        return [row[0] for row in await cursor.fetchall()]
 
 
 async def _fenced_write(

@@ -20,8 +20,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
 from planbus.db import ListenerState, connect_for_claims, listen_forever
-from planbus.effects import Claim, Outcome
+from planbus.effects import Outcome
 from planbus.errors import PermanentError, PlanningError, TransientError, one_line
+from planbus.leases import Claim, Leases
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
 from planbus.planner import Planner
@@ -30,7 +31,6 @@ from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
 
-WORKER_LOST = "The worker processing this request stopped responding before it finished."
 # The outcome of an attempt as logs and metrics name it; `pending` means a retry is scheduled.
 OUTCOME_LABELS = {"completed": "completed", "pending": "retry", "failed": "failed", "lost": "lost"}
 
@@ -73,6 +73,7 @@ class Worker:
         self.inflight: dict[int, Claim] = {}
         # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
+        self.leases = Leases(settings, pool, self.inflight, self.metrics)
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
@@ -98,8 +99,9 @@ class Worker:
                 background.cancel_scope.cancel()
                 return
             await background.start(self.completions.run)
-            background.start_soon(self._heartbeat_loop)
-            background.start_soon(self._sweep_loop)
+            background.start_soon(self.leases.heartbeat_loop)
+            # The sweep also catches pending rows that no notification announced.
+            background.start_soon(self.leases.sweep_loop, self._on_notify)
             log.info(
                 "listening on channel %s (worker %s, planner %s, concurrency %d)",
                 queries.LISTEN_CHANNEL,
@@ -114,7 +116,7 @@ class Worker:
                 finally:
                     await self._drop_claims_connection()
                 await self._drain(requests)
-            await self._hand_back_unfinished()
+            await self.leases.hand_back()
             background.cancel_scope.cancel()
 
     # -- claiming --------------------------------------------------------------------------
@@ -251,7 +253,7 @@ class Worker:
     async def _finish(
         self, claim: Claim, plan: Any, error: PlanningError | None, retry: RetryDecision | None
     ) -> Outcome:
-        deadline = time.monotonic() + self.settings.lease_seconds
+        deadline = self.leases.write_deadline()
         try:
             if error is None or retry is None:
                 return await self.completions.complete(claim, plan, deadline)
@@ -300,59 +302,7 @@ class Worker:
         else:
             log.warning("%s: claim was taken over; wrote nothing", where, extra=fields)
 
-    # -- heartbeat, sweep, shutdown --------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await anyio.sleep(self.settings.heartbeat_seconds)
-            held = [c for c in self.inflight.values() if not c.writing]
-            if not held:
-                continue
-            try:
-                async with self.pool.connection() as conn:
-                    cursor = await conn.execute(
-                        queries.HEARTBEAT,
-                        {
-                            "ids": [c.id for c in held],
-                            "tokens": [c.token for c in held],
-                            "lease_seconds": self.settings.lease_seconds,
-                        },
-                    )
-                    still_held = {row[0] for row in await cursor.fetchall()}
-            except psycopg.Error as exc:
-                log.warning("heartbeat failed (%s); will retry", one_line(exc))
-                continue
-            for claim in held:
-                if claim.id not in still_held and not claim.writing:
-                    log.warning(
-                        "request %d: claim lost (lease expired and was taken over)", claim.id
-                    )
-                    claim.lost = True
-                    claim.scope.cancel()
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            try:
-                async with self.pool.connection() as conn:
-                    cursor = await conn.execute(
-                        queries.RECOVER_EXPIRED,
-                        {"max_attempts": self.settings.max_attempts, "lost_error": WORKER_LOST},
-                    )
-                    for request_id, lead_id, status, attempts, _ in await cursor.fetchall():
-                        log.warning(
-                            "request %d recovered from an expired claim after attempt %d: now %s",
-                            request_id,
-                            attempts,
-                            status,
-                            extra=request_fields(
-                                request_id, lead_id, attempts, f"recovered_{status}"
-                            ),
-                        )
-                        self.metrics.recovered(status)
-            except psycopg.Error as exc:
-                log.warning("sweep failed (%s); will retry", one_line(exc))
-            self._on_notify()  # also catches pending rows that no notification announced
-            await anyio.sleep(self.settings.sweep_seconds)
+    # -- shutdown ------------------------------------------------------------------------
 
     async def _drain(self, requests: TaskGroup) -> None:
         grace = self.settings.shutdown_grace_seconds
@@ -363,30 +313,3 @@ class Worker:
             with anyio.move_on_after(grace):
                 await self._idle.wait()
         requests.cancel_scope.cancel()
-
-    async def _hand_back_unfinished(self) -> None:
-        unfinished = list(self.inflight.values())
-        if not unfinished:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                ids = await effects.hand_back(self.pool, unfinished)
-            except psycopg.OperationalError as exc:
-                log.error(
-                    "could not hand back %d requests (%s); the sweep will recover them",
-                    len(unfinished),
-                    one_line(exc),
-                )
-                return
-        handed = set(ids)
-        for claim in unfinished:
-            if claim.id in handed:
-                log.info(
-                    "request %d lead %d attempt %d handed back as pending",
-                    claim.id,
-                    claim.lead_id,
-                    claim.attempt,
-                    extra=request_fields(claim.id, claim.lead_id, claim.attempt, "handed_back"),
-                )
-        log.info("handed back %d unfinished requests as pending: %s", len(ids), ids)
-        self.inflight.clear()
