@@ -27,7 +27,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import db, listen, logs, queries
+from planbus import db, logs, queries, runtime
 from planbus.errors import ConfigurationError
 from planbus.settings import Settings, load_settings
 
@@ -69,9 +69,7 @@ async def database(settings: Settings) -> AsyncIterator[str]:
     """The DSN to use; with no URL, the embedded server in PLANBUS_DATA_DIR, started if needed
     (and stopped again afterwards when this command started it)."""
     async with AsyncExitStack() as stack:
-        dsn = settings.database_url
-        if dsn is None:
-            dsn = await anyio.to_thread.run_sync(listen.start_embedded, settings, stack)
+        dsn = await runtime.database_url(settings, stack)
         await db.check_database(dsn, None)
         yield dsn
 

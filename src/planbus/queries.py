@@ -289,3 +289,6 @@ INSERT INTO lead_registry (telegram_id, prospect_name, prospect_title, prospect_
 VALUES (%(telegram_id)s, %(name)s, %(title)s, %(company)s, %(analysis)s, %(strategy)s)
 RETURNING id
 """
+
+# /healthz: the database answers at all.
+HEALTH_CHECK: LiteralString = "SELECT 1"
