@@ -210,7 +210,7 @@ async def request_command(settings: Settings, args: argparse.Namespace) -> int:
     async with connection(settings) as conn:
         if args.wait:
             # Before the insert, so the event cannot slip past between the two.
-            await conn.execute(f"LISTEN {queries.EVENTS_CHANNEL}")
+            await db.listen(conn, queries.EVENTS_CHANNEL)
         try:
             request_id, status, new = await insert_request(conn, args.lead, args.telegram_id)
         except LookupError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
+from psycopg import sql
 from psycopg.abc import RV, PQGen
 from psycopg_pool import AsyncConnectionPool
 
@@ -51,11 +52,18 @@ async def check_database(dsn: str, head: str | None) -> None:
                 "the database has no planbus schema: run `alembic upgrade head` first"
             )
         if head is not None:
-            row = await (await conn.execute("SELECT version_num FROM alembic_version")).fetchone()
+            row = await (await conn.execute(queries.SCHEMA_REVISION)).fetchone()
             if row is None or row[0] != head:
                 raise ConfigurationError(
                     f"the database schema is at revision {row[0] if row else 'none'}, this "
                     f"worker needs {head}: run `alembic upgrade head`"
+                )
+            allowed = await (await conn.execute(queries.EVENT_RIGHTS)).fetchone()
+            if not allowed or not allowed[0]:
+                raise ConfigurationError(
+                    "this role may not send request events: run `GRANT EXECUTE ON FUNCTION "
+                    "public.planbus_request_event(bigint, bigint, bigint, text) TO <role>` "
+                    "as the tables' owner"
                 )
 
 
@@ -86,6 +94,11 @@ async def connect_for_claims(pool: AsyncConnectionPool) -> psycopg.AsyncConnecti
     return await psycopg.AsyncConnection.connect(
         pool.conninfo, autocommit=True, application_name="planbus-claim", connect_timeout=10
     )
+
+
+async def listen(conn: psycopg.AsyncConnection[Any], channel: str) -> None:
+    """LISTEN on `channel`, the name quoted as an identifier."""
+    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
 
 class ListenerState:
@@ -140,7 +153,7 @@ async def listen_forever(
                 keepalives_interval=5,
                 keepalives_count=3,
             ) as conn:
-                await conn.execute(queries.LISTEN)
+                await listen(conn, queries.LISTEN_CHANNEL)
                 state.connected = True
                 if started:
                     state.reconnects += 1

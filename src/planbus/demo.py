@@ -54,7 +54,7 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         worker = await stack.enter_async_context(runtime.open_worker(worker_settings))
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         await stack.enter_async_context(conn)
-        await conn.execute(f"LISTEN {queries.EVENTS_CHANNEL}")
+        await db.listen(conn, queries.EVENTS_CHANNEL)
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
             ids = [await _demo_request(conn, lead) for lead in DEMO_LEADS]
