@@ -1,4 +1,7 @@
-"""The worker: claim loop, request processing, heartbeat and fallback sweep.
+"""The worker: the claim loop, processing a claimed request, and the drain on stop.
+
+The lease (heartbeat, sweep, hand-back) lives in `leases`, the final writes in `effects`, the
+retry rules in `retry`; `runtime.open_worker` builds a Worker.
 
 A notification is only a wake-up call: the claim loop wakes on NOTIFY, on a freed slot, on the
 sweep, on the next retry becoming due, or on stop, and then claims with SKIP LOCKED. A lost
@@ -25,14 +28,12 @@ from planbus.errors import PermanentError, PlanningError, TransientError, one_li
 from planbus.leases import Claim, Leases
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
+from planbus.outcomes import report_outcome
 from planbus.planner import Planner
 from planbus.retry import Backoff, RetryDecision, decide
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# The outcome of an attempt as logs and metrics name it; `pending` means a retry is scheduled.
-OUTCOME_LABELS = {"completed": "completed", "pending": "retry", "failed": "failed", "lost": "lost"}
 
 
 class Wakeup:
@@ -232,7 +233,7 @@ class Worker:
         with anyio.CancelScope(shield=True):
             outcome = await self._finish(claim, plan, error, retry)
         self._release(claim)
-        self._log_outcome(claim, outcome, error, retry)
+        report_outcome(claim, outcome, error, retry, self.metrics)
 
     def _release(self, claim: Claim) -> None:
         self.inflight.pop(claim.id, None)
@@ -269,38 +270,6 @@ class Worker:
             # The claim stays `processing`; its lease lapses and the sweep hands it on.
             log.error("request %d: could not record its outcome (%s)", claim.id, one_line(exc))
             return "lost"
-
-    def _log_outcome(
-        self,
-        claim: Claim,
-        outcome: Outcome,
-        error: PlanningError | None,
-        retry: RetryDecision | None,
-    ) -> None:
-        elapsed_ms = (time.monotonic() - claim.started) * 1000
-        label = OUTCOME_LABELS[outcome]
-        self.metrics.finished(label, elapsed_ms / 1000, error)
-        fields = request_fields(claim.id, claim.lead_id, claim.attempt, label, elapsed_ms)
-        if error is not None:
-            fields["error"] = error.message
-        where = f"request {claim.id} lead {claim.lead_id} attempt {claim.attempt}"
-        if outcome == "completed":
-            log.info("%s completed in %.0f ms", where, elapsed_ms, extra=fields)
-        elif outcome == "pending":
-            log.warning(
-                "%s failed, retrying in %.1fs: %s",
-                where,
-                retry.delay if retry else 0.0,
-                error.message if error else "",
-                extra=fields,
-            )
-        elif outcome == "failed":
-            level = logging.ERROR if isinstance(error, PermanentError) else logging.WARNING
-            log.log(
-                level, "%s failed for good: %s", where, error.message if error else "", extra=fields
-            )
-        else:
-            log.warning("%s: claim was taken over; wrote nothing", where, extra=fields)
 
     # -- shutdown ------------------------------------------------------------------------
 
