@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, LiteralString
 from uuid import UUID
 
 import anyio
@@ -89,16 +89,11 @@ class Leases:
             if not held:
                 continue
             try:
-                async with self.pool.connection() as conn:
-                    cursor = await conn.execute(
-                        queries.HEARTBEAT,
-                        {
-                            "ids": [c.id for c in held],
-                            "tokens": [c.token for c in held],
-                            "lease_seconds": self.settings.lease_seconds,
-                        },
+                still_held = set(
+                    await self._fenced(
+                        queries.HEARTBEAT, held, lease_seconds=self.settings.lease_seconds
                     )
-                    still_held = {row[0] for row in await cursor.fetchall()}
+                )
             except psycopg.Error as exc:
                 log.warning("heartbeat failed (%s); will retry", one_line(exc))
                 continue
@@ -143,15 +138,7 @@ class Leases:
             return
         with anyio.CancelScope(shield=True):
             try:
-                async with self.pool.connection() as conn:
-                    cursor = await conn.execute(
-                        queries.HAND_BACK,
-                        {
-                            "ids": [c.id for c in unfinished],
-                            "tokens": [c.token for c in unfinished],
-                        },
-                    )
-                    ids = [row[0] for row in await cursor.fetchall()]
+                ids = await self._fenced(queries.HAND_BACK, unfinished)
             except psycopg.OperationalError as exc:
                 log.error(
                     "could not hand back %d requests (%s); the sweep will recover them",
@@ -171,3 +158,12 @@ class Leases:
                 )
         log.info("handed back %d unfinished requests as pending: %s", len(ids), ids)
         self.held.clear()
+
+    async def _fenced(self, query: LiteralString, claims: list[Claim], **params: Any) -> list[int]:
+        """Run `query` for `claims`, each matched by id and token; the ids it matched."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                query,
+                {"ids": [c.id for c in claims], "tokens": [c.token for c in claims], **params},
+            )
+            return [row[0] for row in await cursor.fetchall()]
