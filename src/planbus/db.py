@@ -58,6 +58,31 @@ async def check_database(dsn: str, head: str | None) -> None:
                     f"the database schema is at revision {row[0] if row else 'none'}, this "
                     f"worker needs {head}: run `alembic upgrade head`"
                 )
+        await check_rights(conn)
+
+
+async def check_rights(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Fail when this role cannot see or change the rows it works on; warn when the Mini App's
+    roles may write lead_registry (that defeats the ownership rule)."""
+    problems = []
+    for table, role, missing, hidden in await (
+        await conn.execute(queries.WORKER_RIGHTS)
+    ).fetchall():
+        if missing:
+            problems.append(
+                f"role {role} lacks {missing} on {table} (GRANT {missing} ON {table} TO {role})"
+            )
+        if hidden:
+            problems.append(
+                f"role {role} cannot see the rows of {table}: row-level security is on and the "
+                f"role is neither the table's owner nor BYPASSRLS (as a superuser: ALTER ROLE "
+                f"{role} BYPASSRLS, or connect as the owner)"
+            )
+    if problems:
+        raise ConfigurationError("; ".join(problems) + "; see docs/security.md")
+    warning = await (await conn.execute(queries.LEAD_REGISTRY_WRITABLE_BY_API)).fetchone()
+    if warning is not None:
+        log.warning("%s", warning[0])
 
 
 def make_pool(dsn: str, size: int) -> AsyncConnectionPool:

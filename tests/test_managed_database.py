@@ -1,0 +1,184 @@
+"""A Supabase/InsForge-style database: the API roles exist and get every new table by default.
+
+The migrating role sets the platform's default privileges on an empty database before migrating,
+exactly as those platforms do, and the tests then act as PostgREST does per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+import psycopg
+import pytest
+from psycopg import errors
+
+from alembic import command
+from planbus import db, migrate
+from tests.conftest import TestServer
+from tests.helpers import Database, acting_as
+from tests.test_adoption import legacy_database, schema_of
+
+pytestmark = pytest.mark.anyio
+
+ALICE, BOB = 1001, 2002
+API_ROLES = ("anon", "authenticated", "service_role")
+CREATED_TABLES = ("lead_registry", "scheduled_reminders", "plan_requests")
+BOOKKEEPING = ("planbus_schema_origin", "planbus_settings", "alembic_version")
+
+# What Supabase runs on every project, as the role that later runs the migrations.
+SUPABASE_DEFAULTS = """
+DO $$ BEGIN CREATE ROLE anon NOLOGIN; EXCEPTION WHEN duplicate_object OR unique_violation
+    THEN NULL; END $$;
+DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object
+    OR unique_violation THEN NULL; END $$;
+DO $$ BEGIN CREATE ROLE service_role NOLOGIN BYPASSRLS; EXCEPTION WHEN duplicate_object
+    OR unique_violation THEN NULL; END $$;
+GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public
+    GRANT ALL ON TABLES TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public
+    GRANT ALL ON SEQUENCES TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public
+    GRANT ALL ON FUNCTIONS TO anon, authenticated, service_role;
+"""
+
+PLANTED = (
+    "INSERT INTO planbus_schema_origin VALUES ('constraint', 'plan_requests', "
+    "'x\"; CREATE TABLE public.pwned AS SELECT current_user AS who; --', '0002_tma_rights')"
+)
+
+
+@pytest.fixture
+async def managed(empty_database_url: str, pg_server: TestServer) -> AsyncIterator[Database]:
+    """An empty database with the platform's default privileges, not migrated yet."""
+    async with await psycopg.AsyncConnection.connect(empty_database_url, autocommit=True) as conn:
+        await conn.execute(SUPABASE_DEFAULTS)
+        yield Database(conn, empty_database_url)
+
+
+async def upgrade(url: str, target: str = "head") -> None:
+    await anyio.to_thread.run_sync(command.upgrade, migrate.alembic_config(url), target)
+
+
+async def downgrade(url: str, target: str) -> None:
+    await anyio.to_thread.run_sync(command.downgrade, migrate.alembic_config(url), target)
+
+
+async def refused(url: str, role: str, statement: str, telegram_id: int | None = None) -> None:
+    with pytest.raises(errors.InsufficientPrivilege, match="permission denied"):
+        async with acting_as(url, role, telegram_id) as conn:
+            await conn.execute(statement)
+
+
+async def test_anon_reads_and_writes_nothing_planbus_created(managed: Database) -> None:
+    await upgrade(managed.url)
+    lead = await managed.insert_lead(telegram_id=ALICE)
+    await managed.insert_request(lead, telegram_id=ALICE)
+    for table in CREATED_TABLES + BOOKKEEPING:
+        for statement in ("SELECT * FROM {}", "DELETE FROM {}", "TRUNCATE {}"):
+            await refused(managed.url, "anon", statement.format(table))
+    await refused(managed.url, "anon", "INSERT INTO lead_registry (telegram_id) VALUES (1)")
+    assert await managed.value("SELECT count(*) FROM lead_registry") == 1
+
+
+async def test_authenticated_cannot_take_over_or_read_another_users_lead(
+    managed: Database,
+) -> None:
+    await upgrade(managed.url)
+    bob_lead = await managed.insert_lead(telegram_id=BOB)
+    alice_lead = await managed.insert_lead(telegram_id=ALICE)
+    await managed.conn.execute(
+        "INSERT INTO scheduled_reminders (lead_id, telegram_id, step_id, due_at) "
+        "VALUES (%s, %s, 1, now()), (%s, %s, 1, now())",
+        (bob_lead, BOB, alice_lead, ALICE),
+    )
+    # The takeover the ownership rule must survive: make Bob's lead Alice's, then plan it.
+    await refused(
+        managed.url,
+        "authenticated",
+        f"UPDATE lead_registry SET telegram_id = {ALICE} WHERE id = {bob_lead}",
+        ALICE,
+    )
+    for table in ("lead_registry", "scheduled_reminders"):
+        await refused(managed.url, "authenticated", f"SELECT * FROM {table}", ALICE)
+        await refused(managed.url, "authenticated", f"DELETE FROM {table}", ALICE)
+    assert await managed.value("SELECT telegram_id FROM lead_registry WHERE id = %s", (bob_lead,))
+    # The documented opening for a Mini App that reads its user's leads shows only their own.
+    await managed.conn.execute(
+        "GRANT SELECT ON lead_registry, scheduled_reminders TO authenticated"
+    )
+    for table in ("lead_registry", "scheduled_reminders"):
+        async with acting_as(managed.url, "authenticated", ALICE) as conn:
+            seen = await (await conn.execute(f"SELECT telegram_id FROM {table}")).fetchall()
+        assert seen == [(ALICE,)]
+
+
+async def test_no_api_role_holds_anything_but_the_mini_apps_rights(managed: Database) -> None:
+    await upgrade(managed.url)
+    held = await managed.fetchall(
+        "SELECT c.relname, r.rolname, a.privilege_type "
+        "FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a "
+        "JOIN pg_roles AS r ON r.oid = a.grantee "
+        "WHERE c.relnamespace = 'public'::regnamespace AND r.rolname = ANY (%s) ORDER BY 1, 2, 3",
+        (list(API_ROLES),),
+    )
+    assert [tuple(row.values()) for row in held] == [("plan_requests", "authenticated", "SELECT")]
+    security = await managed.fetchall(
+        "SELECT relname FROM pg_class WHERE relname = ANY (%s) AND relrowsecurity ORDER BY 1",
+        (list(CREATED_TABLES),),
+    )
+    assert [row["relname"] for row in security] == sorted(CREATED_TABLES)
+    # service_role (BYPASSRLS on Supabase) may not plant what a downgrade would run.
+    await refused(
+        managed.url,
+        "service_role",
+        "INSERT INTO planbus_schema_origin VALUES ('table', 'lead_registry', 'x', 'y')",
+    )
+
+
+async def test_downgrade_gives_back_exactly_the_privileges_it_took(managed: Database) -> None:
+    await upgrade(managed.url, "0003_event_payload")
+    before = await schema_of(managed)
+    await upgrade(managed.url)
+    assert await schema_of(managed) != before
+    await downgrade(managed.url, "0003_event_payload")
+    assert await schema_of(managed) == before
+
+
+async def test_a_planted_bookkeeping_row_runs_no_sql_on_downgrade(managed: Database) -> None:
+    await upgrade(managed.url)
+    # Planted by someone who could once write the table (it is closed now, see above).
+    await managed.conn.execute(PLANTED)
+    await downgrade(managed.url, "0001_bus")
+    assert await managed.value("SELECT to_regclass('public.pwned')") is None
+    assert await managed.value("SELECT to_regclass('public.plan_requests')") is not None
+
+
+async def test_an_adopted_lead_registry_open_to_the_api_is_named_with_the_fix(
+    managed: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    await legacy_database(managed, managed=True)
+    with caplog.at_level(logging.WARNING, logger="planbus.migrations"):
+        await upgrade(managed.url)
+    expected = (
+        "GRANT DELETE, INSERT, TRUNCATE, UPDATE ON lead_registry TO authenticated",
+        "REVOKE DELETE, INSERT, TRUNCATE, UPDATE ON lead_registry FROM anon;",
+    )
+    migration_log = caplog.text
+    for line in expected:
+        assert line in migration_log
+    # The worker says it again at every start, and starts anyway.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="planbus.db"):
+        await db.check_database(managed.url, migrate.head_revision())
+    for line in expected:
+        assert line in caplog.text
+    await managed.conn.execute(
+        "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON lead_registry FROM anon, authenticated"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="planbus.db"):
+        await db.check_database(managed.url, migrate.head_revision())
+    assert "lead_registry" not in caplog.text
