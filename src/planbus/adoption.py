@@ -3,7 +3,12 @@
 planbus may meet tables it did not create. Every table, column, constraint, default, privilege
 or row-security switch a revision adds to (or takes from) the database is recorded in
 `planbus_schema_origin`, so `alembic downgrade` undoes exactly what planbus did and never drops
-a table or column that was there before.
+a table or column that was there before. Names read back from it are always quoted.
+
+A revision that creates a table calls `close_to_api_roles(table, revision)` when the Mini App's
+API roles may not reach it (managed platforms grant them every new table), and
+`close_bookkeeping(relation, revision)` for a `planbus_*` table; its downgrade calls
+`restore_privileges(revision)` and `disable_added_row_security(revision)`.
 """
 
 from __future__ import annotations
