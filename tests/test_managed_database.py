@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import psycopg
 import pytest
-from psycopg import errors
+from psycopg import errors, sql
+from psycopg.conninfo import make_conninfo
 
 from alembic import command
 from planbus import db, migrate
 from tests.conftest import TestServer
 from tests.helpers import Database, acting_as
+from tests.processes import WorkerProcess
 from tests.test_adoption import legacy_database, schema_of
+from tests.test_security import WORKER_GRANTS
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +186,58 @@ async def test_an_adopted_lead_registry_open_to_the_api_is_named_with_the_fix(
     with caplog.at_level(logging.WARNING, logger="planbus.db"):
         await db.check_database(managed.url, migrate.head_revision())
     assert "lead_registry" not in caplog.text
+
+
+# -- the worker's role ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("role", "attributes", "revoke", "missing_right"),
+    [
+        (
+            "planbus_test_rls_worker",
+            "NOBYPASSRLS",
+            "",
+            "cannot see the rows of plan_requests: row-level security is on and the role is "
+            "neither the table's owner nor BYPASSRLS",
+        ),
+        (
+            "planbus_test_readonly_worker",
+            "BYPASSRLS",
+            "REVOKE UPDATE ON plan_requests FROM planbus_test_readonly_worker",
+            "lacks UPDATE on plan_requests",
+        ),
+    ],
+)
+async def test_a_worker_that_cannot_work_the_rows_refuses_to_start(
+    database: Database,
+    tmp_path: Path,
+    role: str,
+    attributes: str,
+    revoke: str,
+    missing_right: str,
+) -> None:
+    await database.conn.execute(
+        sql.SQL(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN; "
+            "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ).format(role=sql.Identifier(role))
+    )
+    await database.conn.execute(
+        sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER " + attributes).format(sql.Identifier(role))
+    )
+    await database.conn.execute(WORKER_GRANTS.format(role=role))
+    if revoke:
+        await database.conn.execute(revoke)
+    lead = await database.insert_lead(telegram_id=ALICE)
+    request_id = await database.insert_request(lead, telegram_id=ALICE)
+    worker = WorkerProcess(make_conninfo(database.url, user=role), tmp_path / "worker.log")
+    try:
+        with pytest.raises(AssertionError, match=r"exited \(2\) before logging"):
+            await worker.start()
+    finally:
+        await worker.aclose()
+    errors_logged = [line for line in worker.log().splitlines() if "ERROR" in line]
+    assert len(errors_logged) == 1, worker.log()
+    assert missing_right in errors_logged[0]
+    assert (await database.request(request_id))["status"] == "pending"
