@@ -151,6 +151,37 @@ async def test_downgrade_gives_back_exactly_the_privileges_it_took(managed: Data
     assert await schema_of(managed) == before
 
 
+async def test_a_role_that_reads_the_bookkeeping_keeps_reading_but_may_not_write_it(
+    managed: Database,
+) -> None:
+    # E.g. a dedicated worker role, set up before this revision: it reads alembic_version.
+    await upgrade(managed.url, "0003_event_payload")
+    await managed.conn.execute(
+        "DO $$ BEGIN CREATE ROLE planbus_test_reader NOLOGIN; "
+        "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+    )
+    await managed.conn.execute(
+        "GRANT SELECT, INSERT, UPDATE ON alembic_version, planbus_schema_origin "
+        "TO planbus_test_reader"
+    )
+    before = await schema_of(managed)
+    await upgrade(managed.url)
+    for table in ("alembic_version", "planbus_schema_origin"):
+        for privilege, held in (("SELECT", True), ("INSERT", False), ("UPDATE", False)):
+            assert (
+                await managed.value(
+                    "SELECT has_table_privilege('planbus_test_reader', %s, %s)",
+                    (table, privilege),
+                )
+                is held
+            )
+    await downgrade(managed.url, "0003_event_payload")
+    assert await schema_of(managed) == before
+    assert await managed.value(
+        "SELECT has_table_privilege('planbus_test_reader', 'alembic_version', 'INSERT')"
+    )
+
+
 async def test_a_planted_bookkeeping_row_runs_no_sql_on_downgrade(managed: Database) -> None:
     await upgrade(managed.url)
     # Planted by someone who could once write the table (it is closed now, see above).

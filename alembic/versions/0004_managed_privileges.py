@@ -3,9 +3,10 @@
 On Supabase or InsForge every new table in `public` is granted to `anon`, `authenticated` and
 `service_role`. The tables planbus created (recorded by 0001) are closed again: privileges
 revoked, row-level security on, and a read policy for the caller's own leads and reminders that
-opens nothing until the app grants `authenticated` SELECT. planbus's bookkeeping (`alembic_version`,
-`planbus_*`) is closed to every role but its owner. An adopted `lead_registry` is left as it is,
-with a warning naming each grant that lets the Mini App's roles write it.
+opens nothing until the app grants `authenticated` SELECT. planbus's bookkeeping
+(`alembic_version`, `planbus_*`) is closed to every role but its owner (a role that was granted
+SELECT keeps reading it). An adopted `lead_registry` is left as it is, with a warning naming
+each grant that lets the Mini App's roles write it.
 
 The Mini App may insert at most `planbus_settings.tma_requests_per_minute` requests per user and
 minute, and a refused status is echoed cut to a readable length.
@@ -144,8 +145,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     _replace_in_function(CHECK_TMA_INSERT, STATUS_ECHO_CUT, STATUS_ECHO)
     op.execute(DROP_USER_LIMIT)
+    created = {table for table, _ in added("table", "0001_bus")}
     for table in ("lead_registry", "scheduled_reminders"):
-        if table_exists(table):
+        if table in created and table_exists(table):
             op.execute(f"DROP POLICY IF EXISTS {OWN_LEADS_POLICY} ON {quote(table)}")
     restore_privileges(revision)
     disable_added_row_security(revision)

@@ -308,9 +308,13 @@ def close_to_api_roles(table: str, revision: str, *, keep: tuple[str, ...] = ())
 
 
 def close_bookkeeping(relation: str, revision: str) -> None:
-    """Revoke everything every role but the owner holds on one of planbus's bookkeeping tables
-    (`alembic_version`, `planbus_*`), so no API role can rewrite what a downgrade reads."""
-    _revoke_recorded(relation, _grantees_other_than_owner(relation), revision)
+    """Close one of planbus's bookkeeping tables (`alembic_version`, `planbus_*`) to every role
+    but its owner, so nobody else can rewrite what a downgrade reads: PUBLIC and the API roles
+    lose everything, any other role all but SELECT (a worker's role reads alembic_version)."""
+    api = ("PUBLIC", *existing_roles(API_ROLES))
+    _revoke_recorded(relation, api, revision)
+    others = tuple(role for role in _grantees_other_than_owner(relation) if role not in api)
+    _revoke_recorded(relation, others, revision, keep_select=True)
 
 
 def bookkeeping_tables() -> list[str]:
@@ -346,18 +350,26 @@ def _grantees_other_than_owner(relation: str) -> tuple[str, ...]:
             "SELECT DISTINCT coalesce(r.rolname, 'PUBLIC') FROM pg_class AS c "
             "CROSS JOIN LATERAL aclexplode(c.relacl) AS a "
             "LEFT JOIN pg_roles AS r ON r.oid = a.grantee "
-            "WHERE c.oid = to_regclass(:relation) AND a.grantee <> c.relowner"
+            "WHERE c.oid = to_regclass(:relation) AND a.grantee <> c.relowner ORDER BY 1"
         ),
         {"relation": relation},
     )
-    return ("PUBLIC", *sorted({str(row[0]) for row in found} - {"PUBLIC"}))
+    return tuple(str(row[0]) for row in found)
 
 
-def _revoke_recorded(relation: str, grantees: tuple[str, ...], revision: str) -> None:
+def _revoke_recorded(
+    relation: str, grantees: tuple[str, ...], revision: str, *, keep_select: bool = False
+) -> None:
     # A table's REVOKE takes its column privileges with it.
     before = privileges(relation, grantees)
-    who = ", ".join(role if role == "PUBLIC" else quote(role) for role in grantees)
-    op.execute(f"REVOKE ALL ON {_relation(relation)} FROM {who}")
+    target = _relation(relation)
+    if keep_select:
+        for grantee, privilege in sorted({(g, p) for g, p, _ in before if p != "SELECT"}):
+            who = grantee if grantee == "PUBLIC" else quote(grantee)
+            op.execute(f"REVOKE {privilege} ON {target} FROM {who}")
+    elif grantees:
+        who = ", ".join(role if role == "PUBLIC" else quote(role) for role in grantees)
+        op.execute(f"REVOKE ALL ON {target} FROM {who}")
     record_privilege_changes(relation, before, privileges(relation, grantees), revision)
 
 
