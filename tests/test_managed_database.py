@@ -238,6 +238,12 @@ async def test_an_adopted_lead_registry_open_to_the_api_is_named_with_the_fix(
             "REVOKE UPDATE ON plan_requests FROM planbus_test_readonly_worker",
             "lacks UPDATE on plan_requests",
         ),
+        (
+            "planbus_test_blind_worker",
+            "BYPASSRLS",
+            "REVOKE SELECT ON alembic_version FROM planbus_test_blind_worker",
+            "lacks SELECT on alembic_version",
+        ),
     ],
 )
 async def test_a_worker_that_cannot_work_the_rows_refuses_to_start(

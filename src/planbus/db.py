@@ -80,6 +80,7 @@ async def check_database(dsn: str, head: str | None) -> None:
             f"cannot connect to the database at {redact(dsn)}: {reason}"
         ) from None
     async with conn:
+        await check_rights(conn)  # first: without rights the schema looks missing
         ready = await (await conn.execute(queries.SCHEMA_READY)).fetchone()
         if not ready or not ready[0]:
             raise ConfigurationError(
@@ -92,7 +93,6 @@ async def check_database(dsn: str, head: str | None) -> None:
                     f"the database schema is at revision {row[0] if row else 'none'}, this "
                     f"worker needs {head}: run `alembic upgrade head`"
                 )
-        await check_rights(conn)
 
 
 async def check_rights(conn: psycopg.AsyncConnection[Any]) -> None:

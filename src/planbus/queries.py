@@ -345,7 +345,8 @@ SELECT t.name,
                            WHERE role = 0 OR pg_has_role(role, 'USAGE'))) AS hidden
   FROM (VALUES ('plan_requests', ARRAY['SELECT', 'UPDATE']),
                ('lead_registry', ARRAY['SELECT', 'UPDATE']),
-               ('scheduled_reminders', ARRAY['SELECT', 'INSERT', 'UPDATE'])) AS t (name, privileges)
+               ('scheduled_reminders', ARRAY['SELECT', 'INSERT', 'UPDATE']),
+               ('alembic_version', ARRAY['SELECT'])) AS t (name, privileges)
   JOIN pg_class AS c ON c.oid = to_regclass('public.' || t.name)
   JOIN pg_roles AS r ON r.rolname = current_user
  ORDER BY t.name = 'plan_requests' DESC, t.name
