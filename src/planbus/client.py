@@ -12,13 +12,13 @@ from typing import Any, LiteralString
 
 import anyio
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import db, listen, logs, queries
+from planbus import db, logs, queries, runtime
 from planbus.embedded import EmbeddedPostgres
-from planbus.errors import ConfigurationError
+from planbus.errors import ConfigurationError, one_line
 from planbus.settings import Settings
 
 log = logging.getLogger("planbus.cli")
@@ -53,9 +53,7 @@ async def database(settings: Settings) -> AsyncIterator[str]:
     """The DSN to use; with no URL, the embedded server in PLANBUS_DATA_DIR, started if needed
     (and stopped again afterwards when this command started it)."""
     async with AsyncExitStack() as stack:
-        dsn = settings.database_url
-        if dsn is None:
-            dsn = await anyio.to_thread.run_sync(listen.start_embedded, settings, stack)
+        dsn = await runtime.database_url(settings, stack)
         await db.check_database(dsn, None)
         yield dsn
 
@@ -67,9 +65,8 @@ async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
             dsn, autocommit=True, connect_timeout=10, application_name="planbus-cli"
         )
     except psycopg.Error as exc:
-        reason = " ".join(str(exc).split())
         raise ConfigurationError(
-            f"cannot connect to the database at {db.redact(dsn)}: {reason}"
+            f"cannot connect to the database at {db.redact(dsn)}: {one_line(exc)}"
         ) from None
 
 
@@ -86,7 +83,7 @@ def start_server(settings: Settings, stack: AsyncExitStack) -> str:
 async def schema_revision(conn: psycopg.AsyncConnection[Any]) -> str | None:
     """The alembic revision the database is at; None when it was never migrated."""
     try:
-        rows = await fetchall(conn, queries.MIGRATION_REVISION)
+        rows = await fetchall(conn, queries.SCHEMA_REVISION)
     except errors.UndefinedTable:
         return None
     return rows[0]["version_num"] if rows else None
@@ -128,7 +125,7 @@ async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
 
 async def listen_events(conn: psycopg.AsyncConnection[Any]) -> None:
     """LISTEN on `plan_request_events`, the channel quoted as an identifier."""
-    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(queries.EVENTS_CHANNEL)))
+    await db.listen(conn, queries.EVENTS_CHANNEL)
 
 
 async def insert_request(

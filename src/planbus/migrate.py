@@ -9,7 +9,11 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from alembic import command
-from planbus.errors import ConfigurationError
+from planbus.errors import ConfigurationError, one_line
+
+# The session advisory lock alembic/env.py holds while it migrates a database ("planbus" in
+# ASCII), so two `alembic upgrade head` at once run one after the other.
+MIGRATION_LOCK = 0x706C616E627573
 
 
 def script_location() -> Path:
@@ -41,8 +45,7 @@ def upgrade(dsn: str, target: str = "head", current: str | None = None) -> None:
     try:
         command.upgrade(alembic_config(dsn), target)
     except CommandError as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigurationError(f"cannot migrate to {target!r}: {reason}") from None
+        raise ConfigurationError(f"cannot migrate to {target!r}: {one_line(exc)}") from None
 
 
 def revisions_between(older: str | None, newer: str) -> list[str]:
