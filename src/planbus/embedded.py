@@ -188,15 +188,8 @@ class EmbeddedPostgres:
 
     def _running_port(self) -> int | None:
         pid, port = _postmaster(self.data_dir)
-        if pid is None:
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None  # a stale file from a crash; pg_ctl start handles it
-        except PermissionError:
-            pass  # alive, owned by the system user
-        return port
+        # A dead pid: a stale file from a crash, which pg_ctl start handles.
+        return port if pid is not None and _alive(pid) else None
 
     def _remembered_port(self) -> int:
         port_file = self.data_dir / PORT_FILE
@@ -260,9 +253,17 @@ def default_data_dir() -> Path:
     else:
         base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
         folder = Path(base) / "planbus" / "postgres"
-    if os.geteuid() == 0 and unreachable(folder, SYSTEM_USER) is not None:
+    blocked = unreachable(folder, SYSTEM_USER) if os.geteuid() == 0 else None
+    if blocked is not None:
         # A checkout in a private folder (root's home, `mktemp -d`): the system user cannot
         # enter it, and loosening the folder's mode is not ours to do.
+        log.info(
+            "data folder %s instead of %s: the system user %s cannot enter %s",
+            ROOT_DATA_DIR,
+            folder,
+            SYSTEM_USER,
+            blocked,
+        )
         return ROOT_DATA_DIR
     return folder
 
@@ -350,7 +351,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, another user's (the server, run by the system user)
     return True
 
 
