@@ -161,3 +161,15 @@ def test_a_configuration_error_is_a_json_line_in_json_mode() -> None:
     entry = json.loads(line)
     assert entry["level"] == "ERROR"
     assert "PLANBUS_POOL_SIZE" in entry["message"]
+
+
+def test_an_uncaught_exception_is_a_json_line_in_json_mode() -> None:
+    code = "from planbus import logs; logs.configure('json'); raise RuntimeError('boom')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    [line] = lines(done.stderr)
+    entry = json.loads(line)
+    assert entry["level"] == "CRITICAL"
+    assert "RuntimeError: boom" in entry["exception"]

@@ -219,7 +219,7 @@ class EmbeddedPostgres:
         """`pid token` of each user whose process is alive."""
         path = self.data_dir / USERS_FILE
         entries = path.read_text().split("\n") if path.exists() else []
-        return [entry for entry in entries if entry and _alive(int(entry.split()[0]))]
+        return [e for e in entries if e.split(" ")[0].isdigit() and _alive(int(e.split(" ")[0]))]
 
     def _write_users(self, entries: list[str]) -> None:
         path = self.data_dir / USERS_FILE
