@@ -269,3 +269,13 @@ def test_the_readme_try_it_ends_with_the_readers_own_request_completed(
             "SELECT prospect_name FROM lead_registry WHERE engagement_plan IS NOT NULL"
         ).fetchall()
     assert planned == [("Ada Lovelace",)]
+
+
+def test_a_data_folder_that_cannot_be_made_is_one_line_and_exit_2(data_root: Path) -> None:
+    (data_root / "file").write_text("not a folder")
+    done = run_listen(env=listen_env(PLANBUS_DATA_DIR=str(data_root / "file" / "pg")))
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "PLANBUS_DATA_DIR" in lines[0]
+    assert "Traceback" not in done.stderr
