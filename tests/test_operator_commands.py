@@ -120,8 +120,8 @@ async def test_every_command_names_the_database_it_uses_first(
     assert json.loads(capsys.readouterr().out)["database"] == where(database.url)
 
 
-def test_status_on_the_embedded_server_names_its_data_folder(tmp_path: Path) -> None:
-    data = tmp_path / "postgres"
+def test_status_on_the_embedded_server_names_its_data_folder(data_root: Path) -> None:
+    data = data_root / "postgres"
     done = planbus_process("status", env={"PLANBUS_DATA_DIR": str(data)})
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]

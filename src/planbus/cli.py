@@ -10,15 +10,14 @@ import logging
 import os
 import re
 import sys
-import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from planbus import __version__, commands, logs
+from planbus import __version__, commands, console, embedded_command, logs
 from planbus.commands import EXIT_OK, EXIT_USAGE
 from planbus.errors import ConfigurationError
-from planbus.settings import Settings, load_settings
+from planbus.settings import OneLineParser, Settings, load_settings
 
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a process ended by SIGPIPE
 EXIT_INTERRUPTED = 128 + 2  # Ctrl-C, as a shell reports SIGINT
@@ -44,22 +43,6 @@ examples:
   python -m planbus migrate"""
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Fills prose paragraphs to the terminal; keeps examples (indented lines) as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        paragraphs = []
-        for paragraph in text.split("\n\n"):
-            if paragraph.startswith(("  ", "examples:")):
-                paragraphs.append(textwrap.indent(paragraph, indent))
-            else:
-                flat = " ".join(paragraph.split())
-                paragraphs.append(
-                    textwrap.fill(flat, width, initial_indent=indent, subsequent_indent=indent)
-                )
-        return "\n\n".join(paragraphs)
-
-
 def parse_duration(text: str) -> float:
     """`90`, `90s`, `15m`, `2h`, `1d` -> seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
@@ -75,17 +58,7 @@ class Subcommands:
     def __init__(self, parser: argparse.ArgumentParser) -> None:
         self.actions = parser.add_subparsers(dest="command", metavar="COMMAND")
         self.common = argparse.ArgumentParser(add_help=False)
-        self.common.add_argument(
-            "--log-format",
-            choices=["text", "json"],
-            default="text",
-            help="format of log lines on stderr (default: text)",
-        )
-        self.common.add_argument(
-            "--log-level",
-            default="WARNING",
-            help="DEBUG, INFO, WARNING or ERROR (default: WARNING)",
-        )
+        logs.add_flags(self.common, default_level="WARNING")
 
     def add(
         self,
@@ -101,24 +74,25 @@ class Subcommands:
             help=summary,
             description=description,
             epilog="examples:\n" + "\n".join(f"  python -m planbus {e}" for e in examples),
-            formatter_class=HelpFormatter,
+            formatter_class=console.HelpFormatter,
         )
         sub.add_argument("--database-url", metavar="URL", help=database_help)
         return sub
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = OneLineParser(
         prog="python -m planbus",
         description="Operate planbus: see the queue and one request's story, retry, cancel and "
         "purge requests, request and watch plans, migrate the database, try a demo.",
         epilog=EPILOG,
-        formatter_class=HelpFormatter,
+        formatter_class=console.HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"planbus {__version__}")
     subcommands = Subcommands(parser)
     for add in (_status, _show, _retry, _cancel, _purge, _request, _migrate, _demo):
         add(subcommands)
+    embedded_command.add_command(subcommands.actions)
     return parser
 
 

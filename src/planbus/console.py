@@ -6,6 +6,7 @@ escape sequence in a model's answer must not repaint the operator's terminal.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import textwrap
 from datetime import datetime
@@ -183,3 +184,19 @@ def duration(seconds: float) -> str:
 def json_value(value: Any) -> Any:
     """For json.dumps: timestamps as ISO 8601, anything else as its text."""
     return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Fills prose paragraphs to the terminal; keeps examples (indented lines) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if paragraph.startswith(("  ", "examples:")):
+                paragraphs.append(textwrap.indent(paragraph, indent))
+            else:
+                flat = " ".join(paragraph.split())
+                paragraphs.append(
+                    textwrap.fill(flat, width, initial_indent=indent, subsequent_indent=indent)
+                )
+        return "\n\n".join(paragraphs)
