@@ -421,3 +421,14 @@ async def test_migrate_refuses_to_go_back(
     )
     assert code == 2 and err.count("\n") == 1, err
     assert await database.value("SELECT version_num FROM alembic_version") == queries_head()
+
+
+def test_migrate_on_a_fresh_embedded_server_says_it_applied_every_revision(
+    data_root: Path,
+) -> None:
+    data = data_root / "postgres"
+    done = planbus_process("migrate", env={"PLANBUS_DATA_DIR": str(data)})
+    assert done.returncode == 0, done.stderr
+    assert str(data.resolve()) in done.stdout
+    assert f"from an empty schema to {queries_head()}" in done.stdout
+    assert not (data / "postmaster.pid").exists()  # the server it started is stopped again

@@ -17,7 +17,6 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
 from planbus import db, logs, queries, runtime
-from planbus.embedded import EmbeddedPostgres
 from planbus.errors import ConfigurationError, one_line
 from planbus.settings import Settings
 
@@ -68,16 +67,6 @@ async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
         raise ConfigurationError(
             f"cannot connect to the database at {db.redact(dsn)}: {one_line(exc)}"
         ) from None
-
-
-def start_server(settings: Settings, stack: AsyncExitStack) -> str:
-    """The embedded server in PLANBUS_DATA_DIR, started as it is (not migrated), stopped when
-    `stack` closes if this call started it."""
-    server = EmbeddedPostgres(settings.data_dir)
-    dsn = server.start()
-    if server.owned:
-        stack.callback(server.stop)
-    return dsn
 
 
 async def schema_revision(conn: psycopg.AsyncConnection[Any]) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from psycopg import errors
 
-from planbus import client, console, demo, logs, migrate, queries
+from planbus import client, console, demo, logs, migrate, queries, runtime
 from planbus.client import connection, fetchall
 from planbus.console import clean, plural
 from planbus.settings import Settings
@@ -209,7 +209,7 @@ async def migrate_command(settings: Settings, args: argparse.Namespace) -> int:
     async with AsyncExitStack() as stack:
         dsn = settings.database_url
         if dsn is None:
-            dsn = await anyio.to_thread.run_sync(client.start_server, settings, stack)
+            dsn = await anyio.to_thread.run_sync(runtime.join_embedded, settings, stack)
         async with await client.connect(dsn) as conn:
             where = clean(await client.describe(conn, settings))
             before = await client.schema_revision(conn)
