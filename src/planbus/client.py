@@ -1,4 +1,4 @@
-"""The bus seen from outside the worker: connect, insert a request, read it, wait for its event.
+"""The bus seen from outside the worker: connect, name the database, insert, read, follow.
 
 What the operator commands and the demo share; it prints nothing (console.py renders).
 """
@@ -40,10 +40,7 @@ async def connection(settings: Settings) -> AsyncIterator[psycopg.AsyncConnectio
     """An autocommit connection to the configured database, or to the embedded server."""
     async with AsyncExitStack() as stack:
         dsn = await stack.enter_async_context(database(settings))
-        conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, application_name="planbus-cli"
-        )
-        async with conn:
+        async with await connect(dsn) as conn:
             yield conn
 
 
