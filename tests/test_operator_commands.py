@@ -337,9 +337,9 @@ class GatedPlanner(TemplatePlanner):
         super().__init__()
         self.gate = anyio.Event()
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, *args: Any, **kwargs: Any) -> Plan:
         await self.gate.wait()
-        return await super().plan(lead)
+        return await super().plan(lead, *args, **kwargs)
 
 
 async def test_request_wait_shows_each_status_as_it_changes(database: Database) -> None:
