@@ -92,6 +92,7 @@ def _scenario(
         provider.stop()
     found = outcome(dsn)
     by_status = found["by_status"]
+    completed = by_status.get("completed", 0)
     finished = by_status.get("completed", 0) + by_status.get("failed", 0)
     last = found["last_finish"]
     drain = (last - inserted) if settled and last is not None else waited
@@ -100,13 +101,14 @@ def _scenario(
         "workers": workers,
         "provider": " ".join(provider_flags),
         "environment": env or {},
-        "completed": by_status.get("completed", 0),
+        "completed": completed,
         "failed": by_status.get("failed", 0),
         "unfinished": count - finished,
-        "failed_or_unfinished": count - by_status.get("completed", 0),
+        "failed_or_unfinished": count - completed,
         "drain_seconds": round(drain, 3),
         "pace_seconds": pace,
-        "ratio_to_pace": round(drain / pace, 3) if pace else None,
+        # Only a drain that completed every request says anything about the pace.
+        "ratio_to_pace": round(drain / pace, 3) if pace and completed == count else None,
         "calls_accepted": stats["accepted"],
         "calls_refused": stats["refused"],
         "refused_per_request": round(stats["refused"] / count, 3),

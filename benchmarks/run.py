@@ -214,11 +214,13 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     for row in ROWS:
         value = lookup(results, row.path)
         base = lookup(results, row.baseline)
-        met = None
         if row.path[0] not in results:
             continue  # not selected (e.g. left out of --quick)
-        if value is not None and row.compare and row.target is not None:
-            met = COMPARE[row.compare](value, row.target)
+        available = results[row.path[0]].get("available", True)
+        met = None
+        if row.compare and row.target is not None and available:
+            # A workload that ran but could not give the figure missed its target.
+            met = value is not None and COMPARE[row.compare](value, row.target)
         table.append(
             {
                 "metric": row.label,
@@ -229,7 +231,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": f"{row.compare} {row.target:g}" if row.compare else None,
                 "met": met,
                 # A workload that could not measure on this code (e.g. a missing column).
-                "available": results[row.path[0]].get("available", True),
+                "available": available,
             }
         )
     return table
@@ -251,7 +253,7 @@ def render(table: list[dict[str, Any]]) -> str:
     ]
     for entry in table:
         unit = f" {entry['unit']}" if entry["unit"] else ""
-        missing = "not run" if entry.get("available", True) else "not available"
+        missing = "n/a" if entry.get("available", True) else "not available"
         planbus = number(entry["planbus"]) + unit if entry["planbus"] is not None else missing
         baseline = number(entry["baseline"]) + unit if entry["baseline"] is not None else ""
         ratio = f"{entry['baseline_ratio']:,.0f}x" if entry["baseline_ratio"] else ""
