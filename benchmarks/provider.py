@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.harness import LLMServer, wait_until
+from benchmarks.harness import BenchError, LLMServer, wait_finished
 
 
 class FakeProvider(LLMServer):
@@ -56,13 +56,8 @@ def outcome(dsn: str) -> dict[str, Any]:
 def settle(dsn: str, count: int, within: float) -> bool:
     """Wait until `count` requests are completed or failed; False at the deadline (no raise:
     a request the worker never finishes is a result to report, not a broken benchmark)."""
-
-    def finished() -> bool:
-        by_status = outcome(dsn)["by_status"]
-        return by_status.get("completed", 0) + by_status.get("failed", 0) >= count
-
     try:
-        wait_until(finished, within, f"{count} requests", every=0.1)
-    except Exception:  # BenchError at the deadline
+        wait_finished(dsn, count, within)
+    except BenchError:
         return False
     return True
