@@ -191,29 +191,39 @@ def _progress_writes(dsn: str) -> dict[int, int]:
 def _summary(
     samples: list[dict[str, Any]], writes: dict[int, int], pace: float, plan_file: Path
 ) -> dict[str, Any]:
-    first_lag, last_lag, first_seen = [], [], []
+    step_lag, first_lag, last_lag, first_seen = [], [], [], []
+    seen_early = 0
     for sample in samples:
-        readable, written = sample["readable"], sample["written"]
+        readable, written, end = sample["readable"], sample["written"], sample["answer_end"]
         if readable:
             first_seen.append(readable[0] - sample["inserted"])
         if readable and written:
             first_lag.append(readable[0] - written[0])
-        if len(readable) >= STEPS and sample["answer_end"]:
-            last_lag.append(readable[-1] - sample["answer_end"])
+            step_lag += [shown - wrote for shown, wrote in zip(readable, written, strict=False)]
+        if end is not None:
+            seen_early += sum(1 for shown in readable if shown < end)
+        if len(readable) >= STEPS and end is not None:
+            last_lag.append(readable[-1] - end)
     return {
         "available": True,
         "requests": len(samples),
         "steps": STEPS,
         "tokens_per_second": pace,
+        "poll_seconds": POLL_SECONDS,
         "plan_characters": len(json.dumps({"steps": json.loads(plan_file.read_text())})),
         "completed": sum(1 for s in samples if s["status"] == "completed"),
         "streamed_calls": sum(1 for s in samples if s["streamed"]),
-        "first_step_seconds": percentiles(first_seen) if first_seen else None,
-        "first_step_lag_seconds": percentiles(first_lag) if first_lag else None,
-        "last_step_lag_seconds": percentiles(last_lag) if last_lag else None,
-        "progress_writes_per_request": {
-            "max": max(writes.values(), default=0),
-            "by_request": writes,
-        },
+        "first_step_seconds": _spread(first_seen),
+        "first_step_lag_seconds": _spread(first_lag),
+        "step_lag_seconds": _spread(step_lag),
+        "last_step_lag_seconds": _spread(last_lag),
+        # Steps the Mini App read before the model's answer had ended: 0 without streaming.
+        "steps_seen_before_completion": seen_early,
+        "progress_writes_per_request": max(writes.values(), default=0),
+        "progress_writes_by_request": writes,
         "samples": samples,
     }
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    return percentiles(values) if values else None
