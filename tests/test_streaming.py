@@ -1,0 +1,170 @@
+"""The streamed answer: server-sent events parsed, and each finished step published in order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+
+from planbus.openai_planner import parse_plan
+from planbus.plan import Lead, LeadId
+from planbus.planner import template_steps
+from planbus.streaming import (
+    AnswerTooLarge,
+    NoContentDeltas,
+    Progress,
+    StepCollector,
+    StreamBroken,
+    read_body,
+    read_stream,
+)
+
+pytestmark = pytest.mark.anyio
+
+STEPS = template_steps(Lead(id=LeadId(1), telegram_id=1, prospect_name="Ada Lovelace"))
+ANSWER = json.dumps({"steps": STEPS}, indent=2)
+
+
+def pieces(text: str, size: int = 3) -> list[str]:
+    """The answer as a model streams it: a few characters at a time."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def collect(text: str, size: int = 3) -> tuple[StepCollector, list[Progress]]:
+    seen: list[Progress] = []
+    collector = StepCollector(seen.append)
+    for piece in pieces(text, size):
+        collector.feed(piece)
+    return collector, seen
+
+
+def sse(deltas: Iterable[str], *, usage: bool = True, done: bool = True) -> bytes:
+    """A Chat Completions stream as OpenAI sends it: one event per delta, usage, [DONE]."""
+    events: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    ]
+    events += [{"choices": [{"index": 0, "delta": {"content": d}}]} for d in deltas]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage:
+        events.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 99}})
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+    return (body + ("data: [DONE]\n\n" if done else "")).encode()
+
+
+async def chunked(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def test_each_step_is_published_once_the_next_one_starts() -> None:
+    collector, seen = collect(ANSWER)
+    # Steps 1..5 are published while the model writes; the last one only ends with the answer.
+    assert [len(p.steps) for p in seen] == [1, 2, 3, 4, 5]
+    assert [s.model_dump(mode="json") for s in seen[-1].steps] == STEPS[:5]
+    assert all(p.started_at == seen[0].started_at for p in seen)
+    assert collector.text == ANSWER
+    assert parse_plan(collector.text).as_json() == STEPS
+
+
+def test_a_step_split_anywhere_is_never_published_half_written() -> None:
+    for size in (1, 2, 7, 50):
+        _, seen = collect(ANSWER, size)
+        for progress in seen:
+            assert [s.model_dump(mode="json") for s in progress.steps] == STEPS[
+                : len(progress.steps)
+            ]
+
+
+def test_an_answer_in_one_piece_publishes_nothing() -> None:
+    _, seen = collect(ANSWER, size=len(ANSWER))
+    assert seen == []
+
+
+def test_a_step_that_breaks_its_own_rule_stops_publishing() -> None:
+    broken = [dict(step) for step in STEPS]
+    broken[2]["description"] = "   "
+    _, seen = collect(json.dumps({"steps": broken}))
+    assert [len(p.steps) for p in seen] == [1, 2]
+
+
+def test_the_whole_plan_rules_fail_at_the_end_though_first_steps_were_shown() -> None:
+    decreasing = [dict(step) for step in STEPS]
+    decreasing[-1]["delay_days"] = 1  # after 9: the plan's delays decrease at its last step
+    collector, seen = collect(json.dumps({"steps": decreasing}))
+    assert [len(p.steps) for p in seen] == [1, 2, 3, 4, 5]
+    with pytest.raises(Exception, match="delay_days must never decrease"):
+        parse_plan(collector.text)
+
+
+def test_steps_out_of_order_are_not_shown() -> None:
+    renumbered = [dict(step) for step in STEPS]
+    renumbered[1]["step_id"] = 3
+    _, seen = collect(json.dumps({"steps": renumbered}))
+    assert [len(p.steps) for p in seen] == [1]
+
+
+def test_text_that_is_not_json_publishes_nothing() -> None:
+    _, seen = collect("Sure! Here is your plan: {steps: [{}, {}]}")
+    assert seen == []
+
+
+async def test_a_stream_is_read_to_its_end_with_usage() -> None:
+    seen: list[Progress] = []
+    collector = StepCollector(seen.append)
+    answer = await read_stream(chunked(sse(pieces(ANSWER)), 17), 10_000_000, collector)
+    assert answer.content == ANSWER
+    assert answer.finish_reason == "stop"
+    assert answer.usage == {"prompt_tokens": 9, "completion_tokens": 99}
+    assert [len(p.steps) for p in seen] == [1, 2, 3, 4, 5]
+
+
+async def test_a_stream_with_crlf_lines_and_comments_is_read() -> None:
+    body = sse(pieces(ANSWER)).replace(b"\n", b"\r\n")
+    answer = await read_stream(chunked(b": keep-alive\r\n\r\n" + body, 5), 10**7, StepCollector())
+    assert answer.content == ANSWER
+
+
+async def test_a_stream_cut_in_the_middle_is_broken() -> None:
+    body = sse(pieces(ANSWER))
+    with pytest.raises(StreamBroken, match="ended before the answer did"):
+        await read_stream(chunked(body[: len(body) // 2], 64), 10**7, StepCollector())
+
+
+async def test_an_error_event_in_the_stream_is_broken() -> None:
+    body = sse(pieces(ANSWER)[:5], done=False).split(b'data: {"choices": [{"index": 0, "delta": {}')
+    cut = body[0] + b'data: {"error": {"message": "overloaded"}}\n\n'
+    with pytest.raises(StreamBroken, match="reported an error"):
+        await read_stream(chunked(cut, 64), 10**7, StepCollector())
+
+
+async def test_a_stream_without_content_deltas_says_so() -> None:
+    with pytest.raises(NoContentDeltas):
+        await read_stream(chunked(sse([]), 64), 10**7, StepCollector())
+
+
+async def test_a_stream_past_the_byte_limit_stops_there() -> None:
+    body = sse(pieces(ANSWER))
+    with pytest.raises(AnswerTooLarge, match="exceeded 1000 bytes"):
+        await read_stream(chunked(body, 64), 1000, StepCollector())
+
+
+async def test_a_body_past_the_byte_limit_stops_there() -> None:
+    assert await read_body(chunked(b"x" * 1000, 64), 1000) == b"x" * 1000
+    with pytest.raises(AnswerTooLarge):
+        await read_body(chunked(b"x" * 1001, 64), 1000)
+
+
+def test_following_stops_past_the_text_limit() -> None:
+    huge = [dict(step) for step in STEPS]
+    huge[0]["description"] = "x" * 70_000
+    _, seen = collect(json.dumps({"steps": huge}), size=1000)
+    assert seen == []
+
+
+def test_progress_is_stored_as_the_steps_and_the_start() -> None:
+    _, seen = collect(ANSWER)
+    stored = seen[0].as_json()
+    assert stored["steps"] == STEPS[:1]
+    assert stored["started_at"] == seen[0].started_at.isoformat()
