@@ -193,6 +193,8 @@ class OpenAIPlanner:
             raise TransientError(
                 f"The LLM server's answer broke off: {exc.reason}.", kind="connection"
             ) from None
+        except httpx2.TimeoutException:
+            raise TimeoutError from None  # one wait of the read took too long: a timeout
         except httpx2.TransportError:
             raise TransientError(
                 "The LLM server's answer broke off before its end.", kind="connection"

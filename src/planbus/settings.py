@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # /metrics and /healthz; 0 means off. All interfaces by default, so Prometheus can scrape.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
+    # progress: while a plan streams, its finished steps are copied to `progress` at most this
+    # often per request (steps finishing within it share one write); 0 writes each at once.
+    progress_interval_seconds: float = Field(default=0.25, ge=0, le=60)
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
     )

@@ -26,6 +26,7 @@ from planbus.errors import PermanentError, PlanningError, TransientError
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
 from planbus.planner import Planner
+from planbus.progress import ProgressWriter
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Worker:
         self.inflight: dict[int, Claim] = {}
         # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
+        self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
@@ -98,6 +100,7 @@ class Worker:
                 background.cancel_scope.cancel()
                 return
             await background.start(self.completions.run)
+            await background.start(self.progress.run)
             background.start_soon(self._heartbeat_loop)
             background.start_soon(self._sweep_loop)
             log.info(
@@ -216,7 +219,8 @@ class Worker:
                 if claim.lead is None:
                     missing = f"Lead {claim.lead_id} does not exist."
                     raise PermanentError(missing, kind="lead_missing")
-                plan = await self.planner.plan(claim.lead)
+                with self.progress.follow(claim.id, claim.token) as on_progress:
+                    plan = await self.planner.plan(claim.lead, on_progress)
             except PlanningError as exc:
                 error = exc
             except Exception as exc:  # a planner bug must not take the worker down
