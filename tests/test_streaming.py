@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import pytest
 
-from planbus.openai_planner import parse_plan
+from planbus.errors import TransientError
+from planbus.openai_planner import MAX_ANSWER_BYTES, MAX_TOKENS, OpenAIPlanner, parse_plan
 from planbus.plan import Lead, LeadId
 from planbus.planner import template_steps
+from planbus.settings import load_settings
 from planbus.streaming import (
     AnswerTooLarge,
     NoContentDeltas,
@@ -20,6 +22,7 @@ from planbus.streaming import (
     read_body,
     read_stream,
 )
+from tests.llm_server import FakeLLM, Reply
 
 pytestmark = pytest.mark.anyio
 
@@ -168,3 +171,58 @@ def test_progress_is_stored_as_the_steps_and_the_start() -> None:
     stored = seen[0].as_json()
     assert stored["steps"] == STEPS[:1]
     assert stored["started_at"] == seen[0].started_at.isoformat()
+
+
+# -- the planner's call, against the tests' loopback server ------------------------------------
+
+
+@pytest.fixture
+def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        yield server
+
+
+@pytest.fixture
+async def planner(llm: FakeLLM) -> AsyncIterator[OpenAIPlanner]:
+    planner = OpenAIPlanner(load_settings({"planner": "openai", "llm_timeout_seconds": 5.0}))
+    yield planner
+    await planner.aclose()
+
+
+LEAD = Lead(id=LeadId(7), telegram_id=7, prospect_name="Ada Lovelace")
+
+
+async def test_the_call_asks_for_a_stream_with_usage_and_a_token_limit(
+    llm: FakeLLM, planner: OpenAIPlanner
+) -> None:
+    plan = await planner.plan(LEAD)
+    assert len(plan.steps) == len(template_steps(Lead(id=LeadId(0), telegram_id=0)))
+    [call] = llm.calls
+    assert call.body["stream"] is True
+    assert call.body["stream_options"] == {"include_usage": True}
+    assert call.body["max_tokens"] == MAX_TOKENS
+    assert call.body["response_format"]["type"] == "json_schema"
+
+
+async def test_a_whole_answer_to_a_streamed_call_is_read_as_before_and_shows_nothing(
+    llm: FakeLLM, planner: OpenAIPlanner
+) -> None:
+    # A server that ignores `stream` and answers with one JSON body (the instant test server).
+    seen: list[Progress] = []
+    plan = await planner.plan(LEAD, seen.append)
+    assert plan.as_json() == template_steps(Lead(id=LeadId(0), telegram_id=0))
+    assert seen == []
+
+
+async def test_an_answer_past_the_byte_limit_is_invalid_output(
+    llm: FakeLLM, planner: OpenAIPlanner
+) -> None:
+    llm.script(Reply(content="x" * (MAX_ANSWER_BYTES + 1)))
+    with pytest.raises(TransientError) as raised:
+        await planner.plan(LEAD)
+    assert raised.value.message == (
+        f"The model's output was invalid: the answer exceeded {MAX_ANSWER_BYTES} bytes."
+    )
+    assert raised.value.kind == "invalid_output"
