@@ -59,9 +59,12 @@ class ProgressWriter:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the write tasks until cancelled."""
-        async with anyio.create_task_group() as self._tasks:
-            task_status.started()
-            await anyio.sleep_forever()
+        try:
+            async with anyio.create_task_group() as self._tasks:
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tasks = None  # a report after this writes nothing
 
     @contextmanager
     def follow(self, request_id: int, token: UUID) -> Iterator[ProgressCallback]:
@@ -105,6 +108,8 @@ class ProgressWriter:
         }
         try:
             async with self.pool.connection() as conn:
+                if not state.planning:
+                    return  # the outcome is on its way: waiting for a connection cost nothing
                 await conn.execute(queries.SHOW_PROGRESS, params)
         except psycopg.Error as exc:
             # A preview is not worth a retry: the next step, or the outcome, replaces it.
