@@ -3,8 +3,9 @@
 The planner reports each newly finished step (`planbus.streaming.Progress`); this module turns
 those reports into fenced `UPDATE`s of `plan_requests.progress`, following three rules:
 
-- never more often than once per `interval` per request: steps finished within the interval
-  share one write, so a request costs at most one write per step, and usually fewer;
+- never more often than once per `interval` per request, nor within `interval` of the model's
+  first token: steps finished within the interval share one write, so a request costs at most
+  one write per step, and an answer that arrives in one burst costs none;
 - never in the way of the request's outcome: once planning ends, nothing more is written (a
   write already under way finishes on its own, fenced, and the outcome's statement clears the
   column), no connection is held while the model writes, and at most one pooled connection
@@ -72,6 +73,10 @@ class ProgressWriter:
         state = _Follow(request_id, token)
 
         def report(progress: Progress) -> None:
+            if state.latest is None:
+                # The answer's start counts as a write: an answer that streams in one burst
+                # (a fast server, a test server without a pace) is done before any write.
+                state.last_write = progress.started
             state.latest = progress
             if not state.scheduled and state.planning and self._tasks is not None:
                 state.scheduled = True

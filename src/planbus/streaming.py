@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ class Progress:
 
     started_at: dt.datetime
     steps: tuple[Step, ...]
+    started: float  # time.monotonic() of started_at, for intervals
 
     def as_json(self) -> dict[str, Any]:
         """The `progress` column's value, steps in the shape `result.plan` will have."""
@@ -74,6 +76,7 @@ class StepCollector:
         self._looks = 0
         self._following = on_progress is not None
         self.started_at: dt.datetime | None = None
+        self._started = 0.0
         self.steps: tuple[Step, ...] = ()
 
     @property
@@ -86,6 +89,7 @@ class StepCollector:
             return
         if self.started_at is None:
             self.started_at = dt.datetime.now(dt.UTC)
+            self._started = time.monotonic()
         self._parts.append(text)
         self._length += len(text)
         # A new element of `steps` starts with `{`: only then can the one before it be finished.
@@ -111,7 +115,7 @@ class StepCollector:
         if len(found) > len(self.steps):
             self.steps = found
             assert self._on_progress is not None and self.started_at is not None
-            self._on_progress(Progress(self.started_at, found))
+            self._on_progress(Progress(self.started_at, found, self._started))
 
 
 def _finished_elements(text: str) -> list[Any]:
