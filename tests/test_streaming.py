@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -209,11 +210,63 @@ async def test_the_call_asks_for_a_stream_with_usage_and_a_token_limit(
 async def test_a_whole_answer_to_a_streamed_call_is_read_as_before_and_shows_nothing(
     llm: FakeLLM, planner: OpenAIPlanner
 ) -> None:
-    # A server that ignores `stream` and answers with one JSON body (the instant test server).
+    # A server that ignores `stream` and answers with one JSON body (as the benchmarks' does).
+    message = {"role": "assistant", "content": ANSWER}
+    whole = {"choices": [{"index": 0, "finish_reason": "stop", "message": message}]}
+    llm.script(Reply(body=whole))
     seen: list[Progress] = []
     plan = await planner.plan(LEAD, seen.append)
-    assert plan.as_json() == template_steps(Lead(id=LeadId(0), telegram_id=0))
+    assert plan.as_json() == STEPS
     assert seen == []
+
+
+async def test_steps_are_passed_on_as_the_model_writes_them(
+    llm: FakeLLM, planner: OpenAIPlanner
+) -> None:
+    llm.script(Reply(steps=STEPS, tokens_per_second=400))
+    seen: list[tuple[float, int]] = []
+    plan = await planner.plan(LEAD, lambda p: seen.append((time.time(), len(p.steps))))
+    assert plan.as_json() == STEPS
+    [call] = llm.calls
+    assert call.finished is not None
+    # Step k is passed on after the model wrote it and before the answer ended.
+    assert [count for _, count in seen] == [1, 2, 3, 4, 5]
+    for (when, count), written in zip(seen, call.step_times, strict=False):
+        assert written <= when < call.finished, count
+
+
+async def test_a_server_that_cannot_stream_a_json_schema_answer_gets_whole_calls_from_then_on(
+    planner: OpenAIPlanner, llm: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm.limits.stream_json_schema = False
+    assert len((await planner.plan(LEAD)).steps) == len(STEPS)
+    assert len((await planner.plan(LEAD)).steps) == len(STEPS)
+    assert [bool(call.body.get("stream")) for call in llm.calls] == [True, False, False]
+    assert {call.body["response_format"]["type"] for call in llm.calls} == {"json_schema"}
+    warnings = [r for r in caplog.records if "cannot stream a structured answer" in r.message]
+    assert len(warnings) == 1
+
+
+async def test_a_stream_without_content_gets_whole_calls_from_then_on(
+    planner: OpenAIPlanner, llm: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm.script(Reply(no_content=True))
+    assert len((await planner.plan(LEAD)).steps) == len(STEPS)
+    assert len((await planner.plan(LEAD)).steps) == len(STEPS)
+    assert [bool(call.body.get("stream")) for call in llm.calls] == [True, False, False]
+    warnings = [r for r in caplog.records if "its stream carried no content" in r.message]
+    assert len(warnings) == 1
+
+
+async def test_a_stream_cut_in_the_middle_is_a_transient_error(
+    planner: OpenAIPlanner, llm: FakeLLM
+) -> None:
+    seen: list[Progress] = []
+    llm.script(Reply(steps=STEPS, tokens_per_second=2000, cut_after=200))
+    with pytest.raises(TransientError, match="answer broke off") as raised:
+        await planner.plan(LEAD, seen.append)
+    assert raised.value.kind == "connection"
+    assert seen  # some steps were shown before the cut
 
 
 async def test_an_answer_past_the_byte_limit_is_invalid_output(
