@@ -143,7 +143,8 @@ class StreamedAnswer:
 
     content: str = ""
     finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None  # from the last chunk, where the server sends it
+    model: str | None = None
     done: bool = False  # `data: [DONE]` seen
     deltas: int = 0  # content deltas seen
     data_lines: list[str] = field(default_factory=list)  # of the event being read
@@ -209,6 +210,8 @@ def _read_event(data: str, answer: StreamedAnswer, collector: StepCollector) -> 
         raise StreamBroken("the server reported an error in the middle of the answer")
     if isinstance(event.get("usage"), dict):
         answer.usage = event["usage"]
+    if isinstance(event.get("model"), str):
+        answer.model = event["model"]
     choice = choices[0] if isinstance(choices, list) and choices else None
     if not isinstance(choice, dict):
         return
