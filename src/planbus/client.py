@@ -12,11 +12,11 @@ from typing import Any, LiteralString
 
 import anyio
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import db, listen, logs, queries
+from planbus import db, logs, queries, runtime
 from planbus.settings import Settings
 
 log = logging.getLogger("planbus.cli")
@@ -48,9 +48,7 @@ async def database(settings: Settings) -> AsyncIterator[str]:
     """The DSN to use; with no URL, the embedded server in PLANBUS_DATA_DIR, started if needed
     (and stopped again afterwards when this command started it)."""
     async with AsyncExitStack() as stack:
-        dsn = settings.database_url
-        if dsn is None:
-            dsn = await anyio.to_thread.run_sync(listen.start_embedded, settings, stack)
+        dsn = await runtime.database_url(settings, stack)
         await db.check_database(dsn, None)
         yield dsn
 
@@ -65,7 +63,7 @@ async def fetchall(
 
 async def listen_events(conn: psycopg.AsyncConnection[Any]) -> None:
     """LISTEN on `plan_request_events`, the channel quoted as an identifier."""
-    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(queries.EVENTS_CHANNEL)))
+    await db.listen(conn, queries.EVENTS_CHANNEL)
 
 
 async def insert_request(

@@ -10,8 +10,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from planbus import client, console, db, queries
-from planbus.planner import make_planner
+from planbus import client, console, db, queries, runtime
 from planbus.settings import Settings
 from planbus.worker import Worker
 
@@ -50,15 +49,13 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
         dsn = await stack.enter_async_context(client.database(settings))
         print(f"demo database: {db.redact(dsn)}")
         print(f"planner: {settings.resolved_planner}")
-        planner = make_planner(settings)
-        stack.push_async_callback(planner.aclose)
-        pool = db.make_pool(dsn, settings.pool_size)
-        await pool.open(wait=True, timeout=30)
-        stack.push_async_callback(pool.close)
+        worker_settings = settings.model_copy(
+            update={"database_url": dsn, "work_database_url": None}
+        )
+        worker = await stack.enter_async_context(runtime.open_worker(worker_settings))
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         await stack.enter_async_context(conn)
-        await conn.execute(f"LISTEN {queries.EVENTS_CHANNEL}")
-        worker = Worker(settings, dsn, pool, planner, db.worker_name())
+        await client.listen_events(conn)
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
             ids = [await _demo_request(conn, lead) for lead in DEMO_LEADS]
