@@ -175,8 +175,9 @@ export function useGeneratePlan(
   const start = useMutation({
     mutationKey: ['generatePlan', leadId],
     mutationFn: () => startRequest(db, leadId, telegramId),
+    // The row is read again at once rather than seeded from the insert: a worker claims it
+    // within milliseconds, and a `processing` row is polled every second, not every 3 s.
     onSuccess: (row) => {
-      queryClient.setQueryData(requestKey(row.id), row);
       setTimedOut(false);
       setRequestId(row.id);
     },
