@@ -279,3 +279,23 @@ async def test_an_answer_past_the_byte_limit_is_invalid_output(
         f"The model's output was invalid: the answer exceeded {MAX_ANSWER_BYTES} bytes."
     )
     assert raised.value.kind == "invalid_output"
+
+
+async def test_content_and_usage_in_the_last_chunk_are_read_once() -> None:
+    # Some servers put the last piece of content, the finish reason and usage in one chunk.
+    last = {
+        "choices": [{"index": 0, "delta": {"content": ANSWER[-5:]}, "finish_reason": "stop"}],
+        "usage": {"completion_tokens": 7},
+        "model": "m",
+    }
+    body = sse(pieces(ANSWER[:-5]), usage=False, done=False).replace(
+        b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}',
+        b"data: " + json.dumps(last).encode(),
+    )
+    answer = await read_stream(chunked(body, 100), 10**7, StepCollector())
+    assert answer.content == ANSWER
+    assert (answer.finish_reason, answer.usage, answer.model) == (
+        "stop",
+        {"completion_tokens": 7},
+        "m",
+    )
