@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import re
@@ -17,10 +18,12 @@ import anyio
 import pytest
 from psycopg import errors, sql
 
-from planbus import queries
-from planbus.plan import Lead, LeadId
+from planbus import db, queries
+from planbus.plan import Lead, LeadId, Step
 from planbus.planner import template_steps
-from tests.helpers import Database, acting_as, running_worker, wait_until
+from planbus.progress import ProgressWriter
+from planbus.streaming import Progress
+from tests.helpers import Database, acting_as, eventually, running_worker, wait_until
 from tests.llm_server import FakeLLM, Reply
 from tests.processes import Fleet
 
@@ -311,3 +314,31 @@ async def test_a_frozen_worker_whose_claim_was_taken_over_writes_no_progress(
     assert seen[-1].result["plan"] == SECOND
     assert seen[-1].steps == []
     assert rescuer.pid != frozen.pid
+
+
+@pytest.mark.parametrize("hostile", ["deep", "nul"])
+async def test_a_progress_that_cannot_be_stored_costs_its_preview_not_the_worker(
+    database: Database, caplog: pytest.LogCaptureFixture, hostile: str
+) -> None:
+    request_id, token = await claimed_request(database)
+    extra: dict[str, Any] = {}
+    nested = extra
+    for _ in range(300):  # deeper than anything may be serialized
+        nested["x"] = nested = {}
+    fields = {"extra": extra} if hostile == "deep" else {"description": "a\u0000b"}
+    step = Step.model_validate({**STEPS[0], **fields})
+    pool = db.make_pool(database.url, 2)
+    await pool.open(wait=True, timeout=10)
+    try:
+        async with anyio.create_task_group() as tasks:
+            writer = ProgressWriter(pool, interval=0.0)
+            await tasks.start(writer.run)
+            with writer.follow(request_id, token) as report:
+                report(Progress(dt.datetime.now(dt.UTC), (step,), time.monotonic() - 1))
+                await eventually(
+                    lambda: "could not write its progress" in caplog.text, 10, "the warning"
+                )
+            tasks.cancel_scope.cancel()
+    finally:
+        await pool.close()
+    assert (await database.request(request_id))["progress"] is None

@@ -31,6 +31,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
+from planbus.errors import one_line
 from planbus.streaming import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -106,22 +107,24 @@ class ProgressWriter:
             state.scheduled = False
 
     async def _write(self, state: _Follow, progress: Progress) -> None:
-        params = {
-            "id": state.request_id,
-            "claim_token": state.token,
-            "progress": Jsonb(progress.as_json()),
-        }
         try:
+            # Inside the try: a hostile step (nesting too deep to serialize, a NUL that jsonb
+            # refuses) costs its preview, never the worker; the outcome judges the plan.
+            params = {
+                "id": state.request_id,
+                "claim_token": state.token,
+                "progress": Jsonb(progress.as_json()),
+            }
             async with self.pool.connection() as conn:
                 if not state.planning:
                     return  # the outcome is on its way: waiting for a connection cost nothing
                 await conn.execute(queries.SHOW_PROGRESS, params)
-        except psycopg.Error as exc:
+        except (psycopg.Error, ValueError, RecursionError) as exc:
             # A preview is not worth a retry: the next step, or the outcome, replaces it.
             log.warning(
                 "request %d: could not write its progress (%s)",
                 state.request_id,
-                " ".join(str(exc).split()) or type(exc).__name__,
+                one_line(exc)[:200],
             )
             return
         log.debug("request %d: progress written (%d steps)", state.request_id, len(progress.steps))
