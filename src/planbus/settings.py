@@ -107,6 +107,15 @@ class Settings(BaseSettings):
         default=0, ge=0, le=65535, description="serve /metrics and /healthz on this port; 0: off"
     )
     metrics_host: str = Field(default="0.0.0.0", description="address the metrics port binds to")
+    # progress: while a plan streams, its finished steps are copied to `progress` at most this
+    # often per request, and not within this long of the model's first token.
+    progress_interval_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        le=60,
+        description="while a plan streams, the least time between two writes of a request's "
+        "progress (steps finished within it share a write)",
+    )
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
     )
