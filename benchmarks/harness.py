@@ -406,6 +406,7 @@ STATEMENT_KINDS = {
     "complete": "WITH input AS",
     "give back": "WITH given AS",
     "heartbeat": "SET lease_expires_at = now()",
+    "progress": "SET progress = $",
 }
 
 
