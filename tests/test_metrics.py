@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
 import urllib.error
 import urllib.request
@@ -236,3 +238,52 @@ async def test_listen_serves_metrics_and_logs_each_state_change_as_json(
         assert change["attempt"] == 1
         assert isinstance(change["duration_ms"], float)
         assert f"request {request_id}" in change["message"]
+
+
+async def test_idle_connections_never_stop_metrics_or_the_worker(
+    database: Database, tmp_path: Path
+) -> None:
+    port = free_port()
+    worker = WorkerProcess(database.url, tmp_path / "worker.log", flags=[f"--metrics-port={port}"])
+    idle: list[socket.socket] = []
+    try:
+        await worker.start()
+        assert f"metrics on http://127.0.0.1:{port}/metrics" in worker.log()  # loopback by default
+        # As `prlimit --nofile=256`: fewer descriptors than the idle clients below hold open.
+        resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (256, 256))
+        idle.extend(socket.create_connection(("127.0.0.1", port)) for _ in range(300))
+        status, _, text = await get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        assert "planbus_requests_in_flight" in text
+        request_id = await database.insert_request(await database.insert_lead())
+        assert (await database.wait_for(request_id))["status"] == "completed"
+        assert (await get(f"http://127.0.0.1:{port}/healthz"))[0] == 200
+        assert worker.alive
+    finally:
+        for connection in idle:
+            connection.close()
+        await worker.aclose()
+
+
+async def test_running_out_of_descriptors_on_accept_is_logged_and_survived(
+    database: Database, tmp_path: Path
+) -> None:
+    port = free_port()
+    worker = WorkerProcess(database.url, tmp_path / "worker.log", flags=[f"--metrics-port={port}"])
+    idle: list[socket.socket] = []
+    try:
+        await worker.start()
+        first = await database.insert_request(await database.insert_lead())
+        await database.wait_for(first)
+        # A few descriptors to spare, far fewer than the server's connection limit.
+        in_use = len(os.listdir(f"/proc/{worker.pid}/fd"))
+        resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (in_use + 6, in_use + 6))
+        idle.extend(socket.create_connection(("127.0.0.1", port)) for _ in range(50))
+        await worker.wait_for_log("metrics: cannot accept a connection")
+        status, _, _ = await get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        assert worker.alive
+    finally:
+        for connection in idle:
+            connection.close()
+        await worker.aclose()

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".planbus/postgres")
     # /metrics and /healthz; 0 means off. All interfaces by default, so Prometheus can scrape.
     metrics_port: int = Field(default=0, ge=0, le=65535)
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
     )
