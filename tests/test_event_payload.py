@@ -23,13 +23,15 @@ ROLE = "planbus_test_events"
 
 @pytest.fixture
 def plain_role(database_url: str) -> Iterator[str]:
-    """A LOGIN role with BYPASSRLS and table grants, but no grant on the event function."""
+    """A LOGIN role with BYPASSRLS and every table grant a worker needs, but none on the event
+    function."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN BYPASSRLS; "
             "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
         )
-        conn.execute(f"GRANT SELECT, UPDATE ON plan_requests TO {ROLE}")
+        conn.execute(f"GRANT SELECT, UPDATE ON plan_requests, lead_registry TO {ROLE}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON scheduled_reminders TO {ROLE}")
         conn.execute(f"GRANT SELECT ON alembic_version TO {ROLE}")
     yield make_conninfo(database_url, user=ROLE)
 
