@@ -18,6 +18,7 @@ import pytest
 from planbus.errors import INVALID_OUTPUT
 from planbus.plan import Lead, Plan, Step
 from planbus.planner import TemplatePlanner, template_steps
+from planbus.streaming import ProgressCallback
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
 from tests.processes import Fleet
@@ -98,8 +99,8 @@ class UnstorablePlanner(TemplatePlanner):
     def __init__(self, hostile: dict[int, Any]) -> None:
         self.hostile = hostile
 
-    async def plan(self, lead: Lead) -> Plan:
-        plan = await super().plan(lead)
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
+        plan = await super().plan(lead, on_progress)
         change = self.hostile.get(lead.id)
         if change is None:
             return plan

@@ -12,6 +12,7 @@ from planbus import migrate
 from planbus.errors import TransientError
 from planbus.plan import Lead, Plan
 from planbus.planner import TemplatePlanner
+from planbus.streaming import ProgressCallback
 from tests.conftest import TestServer
 from tests.helpers import Database, eventually, listening_events, running_worker
 
@@ -25,7 +26,7 @@ class GatedPlanner(TemplatePlanner):
         self.release = anyio.Event()
         self.calls = 0
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         self.calls += 1
         await self.release.wait()
         return await super().plan(lead)
@@ -225,11 +226,11 @@ class FailsOnce(TemplatePlanner):
     def __init__(self) -> None:
         self.seen: set[int] = set()
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
         if lead.id not in self.seen:
             self.seen.add(lead.id)
             raise TransientError("The LLM server answered with an error (HTTP 500).")
-        return await super().plan(lead)
+        return await super().plan(lead, on_progress)
 
 
 async def test_a_retried_claim_counts_its_wait_from_when_it_became_due(
