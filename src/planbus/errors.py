@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# How every failure of the model's answer begins, however it was found (decoding, the step
+# rules, or the write that could not store it).
+INVALID_OUTPUT = "The model's output was invalid"
+
 
 class ConfigurationError(Exception):
     """The worker cannot start: the message says what the operator must do."""

@@ -22,7 +22,13 @@ import httpx2
 import openai
 from openai import AsyncOpenAI
 
-from planbus.errors import ConfigurationError, PermanentError, PlanningError, TransientError
+from planbus.errors import (
+    INVALID_OUTPUT,
+    ConfigurationError,
+    PermanentError,
+    PlanningError,
+    TransientError,
+)
 from planbus.plan import (
     LEAD_TEXT_FIELDS,
     InvalidPlan,
@@ -48,8 +54,6 @@ if TYPE_CHECKING:
     from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-INVALID_OUTPUT = "The model's output was invalid"
 
 # Characters of each lead field sent to the model, so that a 1 MB `web_research` never exceeds
 # a model's context: at most 6 x 4,000 + 12,000 = 36,000 characters (about 9,000 tokens).

@@ -22,6 +22,8 @@ EVENTS_CHANNEL: LiteralString = "plan_request_events"
 # a claim lost to a database crash reverts the request to `pending`, to be claimed again, and
 # whatever the first claimant then writes is fenced out by its claim token. Every write that
 # ends a claim commits durably, and its flush covers the claim before it.
+# `waited_seconds` counts from when the request became due: its insert, or the end of a retry
+# delay, a hand-back or `planbus retry` (each sets run_after), never from a first attempt.
 CLAIM: LiteralString = """
 WITH claimed AS (
     UPDATE plan_requests AS r
@@ -38,7 +40,8 @@ WITH claimed AS (
                 ORDER BY run_after, id
                 LIMIT %(limit)s
                   FOR UPDATE SKIP LOCKED))
- RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.claim_token, r.created_at, r.claimed_at
+ RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.claim_token, r.created_at, r.run_after,
+           r.claimed_at
 ), next_due AS (
     SELECT extract(epoch FROM min(run_after) - now())::float8 AS seconds
       FROM plan_requests
@@ -46,7 +49,8 @@ WITH claimed AS (
 )
 SELECT n.seconds AS next_due_seconds,
        c.id, c.lead_id, c.telegram_id, c.attempts, c.claim_token,
-       extract(epoch FROM c.claimed_at - c.created_at)::float8 AS waited_seconds,
+       extract(epoch FROM c.claimed_at - greatest(c.created_at, c.run_after))::float8
+           AS waited_seconds,
        l.id IS NOT NULL AS lead_found, l.telegram_id AS lead_telegram_id,
        l.prospect_name, l.prospect_title, l.prospect_company, l.prospect_analysis,
        l.closing_strategy, l.original_context, l.web_research

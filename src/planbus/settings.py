@@ -102,11 +102,15 @@ class Settings(BaseSettings):
         description="data folder of the embedded server (default: .planbus/postgres in the "
         "checkout, else $XDG_DATA_HOME/planbus/postgres)",
     )
-    # /metrics and /healthz; 0 means off. All interfaces by default, so Prometheus can scrape.
+    # /metrics and /healthz; 0 means off. Loopback by default: docs/deploy.md says when to bind
+    # wider.
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="serve /metrics and /healthz on this port; 0: off"
     )
-    metrics_host: str = Field(default="0.0.0.0", description="address the metrics port binds to")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the metrics port binds to (0.0.0.0 for a scraper on another host)",
+    )
     # progress: while a plan streams, its finished steps are copied to `progress` at most this
     # often per request, and not within this long of the model's first token.
     progress_interval_seconds: float = Field(

@@ -232,10 +232,9 @@ class Worker:
             self._release(claim)
             self.metrics.finished("lost", time.monotonic() - claim.started, error)
             return
-        retry = None if error is None else self._decide(claim, error)
         claim.writing = True
         with anyio.CancelScope(shield=True):
-            outcome = await self._finish(claim, plan, error, retry)
+            outcome, error, retry = await self._finish(claim, plan, error)
         self._release(claim)
         report_outcome(claim, outcome, error, retry, self.metrics)
 
@@ -256,13 +255,19 @@ class Worker:
         )
 
     async def _finish(
-        self, claim: Claim, plan: Any, error: PlanningError | None, retry: RetryDecision | None
-    ) -> Outcome:
+        self, claim: Claim, plan: Any, error: PlanningError | None
+    ) -> tuple[Outcome, PlanningError | None, RetryDecision | None]:
+        """Store the plan, or give the request back for a retry or fail it; what happened."""
         deadline = self.leases.write_deadline()
+        retry = None
         try:
-            if error is None or retry is None:
-                return await self.completions.complete(claim, plan, deadline)
-            return await effects.give_back(
+            if error is None:
+                try:
+                    return await self.completions.complete(claim, plan, deadline), None, None
+                except PlanningError as exc:  # the plan cannot be stored: invalid output
+                    error = exc
+            retry = self._decide(claim, error)
+            outcome = await effects.give_back(
                 self.pool,
                 claim,
                 error=error.message,
@@ -270,10 +275,11 @@ class Worker:
                 delay_seconds=retry.delay,
                 deadline=deadline,
             )
+            return outcome, error, retry
         except psycopg.Error as exc:
             # The claim stays `processing`; its lease lapses and the sweep hands it on.
             log.error("request %d: could not record its outcome (%s)", claim.id, one_line(exc))
-            return "lost"
+            return "lost", error, retry
 
     # -- shutdown ------------------------------------------------------------------------
 
