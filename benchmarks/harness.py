@@ -122,31 +122,24 @@ class Postgres:
 class LLMServer:
     """`python -m benchmarks.llm` in a process of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = "benchmarks.llm", *flags: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.llm", "--port", "0"],
+            [sys.executable, "-m", module, "--port", "0", *flags],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
-        found = re.search(r"port (\d+)", line)
+        found = re.search(r"(?:port |127\.0\.0\.1:)(\d+)", line)
         if not found:
             raise BenchError(f"the benchmark LLM server did not start: {line!r}")
         self.port = int(found.group(1))
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
-    def configure(
-        self, delay: float = 0.0, first_delay: float | None = None, stream_rate: float | None = None
-    ) -> None:
-        """Set the answer delays (and streaming pace) and clear the record of calls."""
-        config = {"delay": delay, "first_delay": first_delay, "stream_rate": stream_rate}
-        self._request("/bench/config", config)
-
-    def step_times(self) -> dict[int, list[float]]:
-        """Lead key -> when each streamed step was sent, then when the answer ended."""
-        return {int(key): times for key, times in self._request("/bench/steps")["steps"].items()}
+    def configure(self, delay: float = 0.0, first_delay: float | None = None) -> None:
+        """Set the answer delays and clear the record of calls."""
+        self._request("/bench/config", {"delay": delay, "first_delay": first_delay})
 
     def calls(self) -> list[tuple[float, int | None]]:
         """(arrival time, lead key) of every call since the last `configure`."""
@@ -203,10 +196,11 @@ class WorkerProcess:
         planner: str = "openai",
         *flags: str,
         source: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
         command = [sys.executable, "-m", "planbus.listen", "--database-url", dsn]
         command += ["--planner", planner, *flags]
-        env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "bench"}
+        env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "bench", **(env or {})}
         if source is not None:  # another copy of planbus, e.g. the code before a change
             env["PYTHONPATH"] = str(source / "src")
         return cls(command, PLANBUS_READY, log_path, env)

@@ -285,8 +285,12 @@ class FakeLLM:
         if call.streamed and reply.status == 200 and reply.body is None:
             return await self._stream(call, reply, headers, writer)
         content = _content(reply)
-        if reply.status == 200 and reply.body is None and reply.tokens_per_second:
-            await asyncio.sleep(len(pieces(content, reply.chunk_chars)) / reply.tokens_per_second)
+        pace = reply.tokens_per_second
+        if reply.status == 200 and reply.body is None and pace:
+            # The model writes at its pace even when nobody sees it: when each step was written.
+            started, size = time.time(), max(1, reply.chunk_chars)
+            call.step_times = [started + -(-end // size) / pace for end in step_ends(content)]
+            await asyncio.sleep(len(pieces(content, size)) / pace)
         call.status, call.finished = reply.status, time.time()
         writer.write(_response(reply, call, content, headers))
         await writer.drain()
