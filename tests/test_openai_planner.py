@@ -14,17 +14,16 @@ import pytest
 
 from planbus.errors import ConfigurationError, TransientError
 from planbus.openai_planner import (
-    CUT_MARK,
     FIELD_BUDGET,
     WEB_RESEARCH_BUDGET,
     OpenAIPlanner,
     load_prompt,
     parse_plan,
-    retry_after_seconds,
     user_message,
 )
 from planbus.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
 from planbus.planner import TemplatePlanner, make_planner, template_steps
+from planbus.provider_errors import CUT_MARK, retry_after_seconds
 from planbus.settings import load_settings
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
@@ -297,7 +296,7 @@ async def test_connection_dropped_by_the_server_is_a_connection_error(
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
-    assert request["result"] == {"error": "Could not connect to the LLM server."}
+    assert request["result"] == {"error": f"Could not connect to the LLM server at {llm.base_url}."}
     assert len(llm.calls) == 2
 
 
@@ -313,7 +312,9 @@ async def test_server_that_refuses_connections_is_a_connection_error(
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
-    assert request["result"] == {"error": "Could not connect to the LLM server."}
+    assert request["result"] == {
+        "error": f"Could not connect to the LLM server at http://127.0.0.1:{port}/v1."
+    }
 
 
 LEAD_FIELDS: dict[str, Any] = {

@@ -8,21 +8,24 @@ struggling server never sees the SDK's retries multiplied by planbus's.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import aiohttp
 import anyio
 import openai
 from openai import AsyncOpenAI
 
-from planbus.errors import ConfigurationError, PermanentError, PlanningError, TransientError
+from planbus.errors import ConfigurationError, TransientError
 from planbus.plan import InvalidPlan, Lead, Plan, plan_json_schema, validate_plan
+from planbus.provider_errors import (
+    INVALID_OUTPUT,
+    ProviderErrors,
+    cut,
+    rejects_json_schema,
+    server_detail,
+)
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -32,13 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INVALID_OUTPUT = "The model's output was invalid"
-
 # Characters of each lead field sent to the model, so that a 1 MB `web_research` never exceeds
 # a model's context: at most 6 x 4,000 + 12,000 = 36,000 characters (about 9,000 tokens).
 FIELD_BUDGET = 4_000
 WEB_RESEARCH_BUDGET = 12_000
-CUT_MARK = " [...cut]"
 
 LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = (
     ("prospect_name", "Name", FIELD_BUDGET),
@@ -49,9 +49,6 @@ LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = (
     ("original_context", "Original context", FIELD_BUDGET),
     ("web_research", "Web research", WEB_RESEARCH_BUDGET),
 )
-
-# Statuses worth another attempt besides 429 and 5xx (the SDK's own retry rule).
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 JSON_MODE: ResponseFormat = {"type": "json_object"}
 
@@ -83,6 +80,7 @@ class OpenAIPlanner:
                 "without keys, such as a local Ollama); or set PLANBUS_PLANNER=template"
             ) from None
         self._secret = self._client.api_key
+        self._errors = ProviderErrors(str(self._client.base_url), self._secret, self.timeout)
         schema = plan_json_schema()
         self._system_prompt = load_prompt()
         self._json_mode_prompt = (
@@ -99,7 +97,7 @@ class OpenAIPlanner:
         try:
             content = await self._ask(lead)
         except (openai.OpenAIError, TimeoutError) as exc:
-            raise self._planning_error(exc) from None
+            raise self._errors.classify(exc) from None
         return parse_plan(content)
 
     async def aclose(self) -> None:
@@ -111,7 +109,7 @@ class OpenAIPlanner:
             try:
                 return await self._complete(self._system_prompt, user, self._schema_format)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                if not _rejects_json_schema(exc):
+                if not rejects_json_schema(exc):
                     raise
                 self._fall_back_to_json_mode(exc)
         return await self._complete(self._json_mode_prompt, user, JSON_MODE)
@@ -138,63 +136,8 @@ class OpenAIPlanner:
                 "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); "
                 "using JSON mode plus validation from now on",
                 exc.status_code,
-                _server_detail(exc, self._secret) or "no details",
+                server_detail(exc, self._secret) or "no details",
             )
-
-    def _planning_error(self, exc: BaseException) -> PlanningError:
-        """One plain sentence for `result.error`: no traceback, never the API key."""
-        if isinstance(exc, openai.APIConnectionError) and _lost_connection(exc):
-            return TransientError("Could not connect to the LLM server.", kind="connection")
-        if isinstance(exc, TimeoutError | openai.APITimeoutError):
-            return TransientError(
-                f"The LLM call timed out after {self.timeout:g} s.", kind="timeout"
-            )
-        if isinstance(exc, openai.APIConnectionError):
-            return TransientError("Could not connect to the LLM server.", kind="connection")
-        if isinstance(exc, openai.APIResponseValidationError):
-            return TransientError(
-                f"{INVALID_OUTPUT}: the server's answer could not be read.", kind="invalid_output"
-            )
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            if status in (401, 403):
-                return PermanentError(
-                    f"The LLM credentials were refused (HTTP {status}).", kind="auth_refused"
-                )
-            wait = retry_after_seconds(exc.response.headers, dt.datetime.now(dt.UTC))
-            if status == 429:
-                return TransientError(
-                    "The LLM server is rate limiting (HTTP 429).", wait, kind="rate_limited"
-                )
-            if status >= 500 or status in RETRYABLE_STATUSES:
-                return TransientError(
-                    f"The LLM server answered with an error (HTTP {status}).",
-                    wait,
-                    kind="server_error",
-                )
-            detail = _server_detail(exc, self._secret)
-            return PermanentError(
-                f"The LLM server rejected the request (HTTP {status})"
-                + (f": {detail}." if detail else "."),
-                kind="rejected",
-            )
-        return TransientError(f"The LLM call failed ({type(exc).__name__}).")
-
-
-def _lost_connection(exc: BaseException) -> bool:
-    """Whether an aiohttp connection error lies under `exc`, timeouts apart.
-
-    The aiohttp transport reports every connection error (refused, dropped, no such host) as a
-    connect *timeout*, so the SDK raises `APITimeoutError` for them; the error it wraps tells.
-    """
-    cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, TimeoutError):
-            return False
-        if isinstance(cause, aiohttp.ClientConnectionError):
-            return True
-        cause = cause.__cause__
-    return False
 
 
 def load_prompt() -> str:
@@ -215,13 +158,6 @@ def user_message(lead: Lead) -> str:
     return "Write the engagement plan for this prospect.\n\n" + "\n\n".join(sections)
 
 
-def cut(text: str, budget: int) -> str:
-    """`text` if it fits in `budget` characters, else its start and a visible mark."""
-    if len(text) <= budget:
-        return text
-    return text[: budget - len(CUT_MARK)] + CUT_MARK
-
-
 def parse_plan(content: str) -> Plan:
     """Decode and validate the model's answer; an invalid one is worth another attempt."""
     try:
@@ -238,32 +174,6 @@ def parse_plan(content: str) -> Plan:
         raise TransientError(
             f"{INVALID_OUTPUT}: {str(exc).rstrip('.')}.", kind="invalid_output"
         ) from None
-
-
-def retry_after_seconds(headers: Mapping[str, str], now: dt.datetime) -> float | None:
-    """The wait a server asked for: `retry-after-ms`, else `Retry-After` (seconds or a date)."""
-    milliseconds = _number(headers.get("retry-after-ms"))
-    if milliseconds is not None:
-        return milliseconds / 1000
-    value = headers.get("retry-after")
-    seconds = _number(value)
-    if seconds is not None or not value:
-        return seconds
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-def _number(value: str | None) -> float | None:
-    try:
-        number = float(value) if value else None
-    except ValueError:
-        return None
-    return number if number is not None and 0 <= number < float("inf") else None
 
 
 def _content(answer: str) -> str:
@@ -287,20 +197,3 @@ def _content(answer: str) -> str:
         f"{INVALID_OUTPUT}: the answer had no message content (finish_reason {reason}).",
         kind="invalid_output",
     )
-
-
-def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
-    """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
-    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
-    return "json_schema" in text or "response_format" in text
-
-
-def _server_detail(exc: openai.APIStatusError, secret: str) -> str:
-    """The server's own error message, as one short line without the API key."""
-    body: Any = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str):
-        return ""
-    if secret:
-        message = message.replace(secret, "[redacted]")
-    return cut(" ".join(message.split()), 200).rstrip(".")

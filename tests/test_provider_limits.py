@@ -1,0 +1,133 @@
+"""The LLM provider's limits: throttling is flow control, an exhausted quota fails at once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from planbus.provider_errors import (
+    QUOTA_EXHAUSTED,
+    duration_seconds,
+    public_url,
+    throttle_wait_seconds,
+)
+from tests.helpers import Database, running_worker
+from tests.llm_server import FakeLLM, Reply
+
+API_KEY = "sk-planbus-test-limits-0a1b2c3d"
+NOW = dt.datetime(2025, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
+QUOTA_BODY = {
+    "error": {
+        "message": "You exceeded your current quota, please check your plan and billing details.",
+        "type": "insufficient_quota",
+        "code": "insufficient_quota",
+    }
+}
+RATE_LIMIT_BODY = {
+    "error": {
+        "message": "Rate limit reached for requests",
+        "type": "requests",
+        "code": "rate_limit_exceeded",
+    }
+}
+
+
+@pytest.fixture
+def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+        yield server
+
+
+async def request_to_the_end(
+    database: Database, within: float = 15.0, **overrides: Any
+) -> dict[str, Any]:
+    lead = await database.insert_lead()
+    values: dict[str, Any] = {"llm_timeout_seconds": 5.0, "retry_base_seconds": 0.05}
+    async with running_worker(database.url, planner="openai", **(values | overrides)):
+        request_id = await database.insert_request(lead)
+        return await database.wait_for(request_id, within=within)
+
+
+# -- reading the provider's answer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("120ms", 0.12),
+        ("1h2m3.5s", 3723.5),
+        ("0.5", 0.5),
+        ("", None),
+        ("soon", None),
+        ("5s later", None),
+    ],
+)
+def test_reset_durations_are_read_as_openai_writes_them(value: str, seconds: float | None) -> None:
+    assert duration_seconds(value) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after-ms": "1500", "x-ratelimit-reset-requests": "9s"}, 1.5),
+        ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-remaining-requests": "0"}, 2.0),
+        (
+            {
+                "x-ratelimit-reset-requests": "2s",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-tokens": "7s",
+                "x-ratelimit-remaining-tokens": "0",
+            },
+            7.0,
+        ),
+        (
+            {
+                "x-ratelimit-reset-requests": "2s",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-tokens": "50ms",
+                "x-ratelimit-remaining-tokens": "9000",
+            },
+            2.0,
+        ),
+        ({}, None),
+    ],
+)
+def test_a_throttled_answer_says_how_long_to_wait(
+    headers: dict[str, str], seconds: float | None
+) -> None:
+    assert throttle_wait_seconds(headers, NOW) == seconds
+
+
+def test_the_url_named_in_errors_carries_no_credentials() -> None:
+    assert public_url("https://user:sk-secret@llm.example:8443/v1/?key=sk-x") == (
+        "https://llm.example:8443/v1"
+    )
+
+
+# -- through the worker ----------------------------------------------------------------------
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("where", ["code", "type"])
+async def test_exhausted_quota_fails_at_once_and_is_logged_as_an_error(
+    database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    body = {"error": {"message": "You exceeded your current quota.", where: "insufficient_quota"}}
+    llm.default = Reply(status=429, body=body)
+    request = await request_to_the_end(database, max_attempts=3)
+
+    assert request["status"] == "failed"
+    assert request["attempts"] == 1
+    assert request["result"] == {"error": QUOTA_EXHAUSTED}
+    assert len(llm.calls) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(QUOTA_EXHAUSTED in m for m in errors)
