@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from planbus.provider_errors import (
     public_url,
     throttle_wait_seconds,
 )
-from tests.helpers import Database, running_worker
+from tests.helpers import Database, eventually, running_worker
 from tests.llm_server import FakeLLM, Reply
 
 API_KEY = "sk-planbus-test-limits-0a1b2c3d"
@@ -131,3 +132,76 @@ async def test_exhausted_quota_fails_at_once_and_is_logged_as_an_error(
     assert len(llm.calls) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(QUOTA_EXHAUSTED in m for m in errors)
+
+
+def rate_limited(retry_after_ms: int = 20) -> Reply:
+    return Reply(status=429, body=RATE_LIMIT_BODY, headers={"retry-after-ms": str(retry_after_ms)})
+
+
+async def test_throttled_calls_spend_no_attempt(database: Database, llm: FakeLLM) -> None:
+    llm.script(rate_limited(), Reply(status=503), rate_limited(), Reply(status=503))
+    request = await request_to_the_end(database, max_attempts=1)
+
+    assert request["status"] == "completed"
+    # `attempts` counts claims, as the contract says; the throttled ones are counted apart.
+    assert request["attempts"] == 5
+    assert request["throttled_claims"] == 4
+    assert len(llm.calls) == 5
+
+
+async def test_a_real_failure_after_throttling_still_has_its_attempts(
+    database: Database, llm: FakeLLM
+) -> None:
+    llm.script(rate_limited(), rate_limited(), Reply(status=500))
+    llm.default = Reply(status=500)
+    request = await request_to_the_end(database, max_attempts=2)
+
+    assert request["status"] == "failed"
+    assert request["attempts"] == 4
+    assert request["throttled_claims"] == 2
+    assert request["result"] == {"error": "The LLM server answered with an error (HTTP 500)."}
+
+
+async def test_a_provider_that_throttles_longer_than_the_patience_fails_the_request(
+    database: Database, llm: FakeLLM
+) -> None:
+    llm.default = rate_limited(retry_after_ms=50)
+    request = await request_to_the_end(database, throttle_patience_seconds=0.5, max_attempts=1)
+
+    assert request["status"] == "failed"
+    assert request["result"] == {
+        "error": "The LLM provider kept refusing (rate limited) for 0.5 seconds; giving up."
+    }
+    assert request["throttled_claims"] == request["attempts"] > 1
+
+
+async def test_a_providers_pause_reaches_every_worker_of_the_database(
+    database: Database, llm: FakeLLM
+) -> None:
+    llm.script(rate_limited(retry_after_ms=3_000))
+    lead = await database.insert_lead()
+    settings: dict[str, Any] = {"llm_timeout_seconds": 5.0}
+    async with (
+        running_worker(database.url, planner="openai", **settings) as first,
+        running_worker(database.url, planner="openai", **settings) as second,
+    ):
+        request_id = await database.insert_request(lead)
+        await eventually(
+            lambda: first.limits.pace.throttled_calls + second.limits.pace.throttled_calls == 1,
+            5,
+            "one throttled call",
+        )
+        await eventually(
+            lambda: (
+                first.limits.pace.paused(time.monotonic())
+                and second.limits.pace.paused(time.monotonic())
+            ),
+            5,
+            "both workers to pause",
+        )
+        paused_until = await database.value("SELECT paused_until FROM planbus_provider_limits")
+        assert paused_until is not None
+        request = await database.wait_for(request_id, within=10)
+    assert request["status"] == "completed"
+    first_call, second_call = llm.calls
+    assert second_call.arrived - first_call.arrived >= 3.0

@@ -116,7 +116,7 @@ class ListenConnection(psycopg.AsyncConnection[Any]):
 
 async def listen_forever(
     dsn: str,
-    on_notify: Callable[[], None],
+    on_notify: Callable[[psycopg.Notify], None],
     on_connect: Callable[[bool], Awaitable[None]],
     state: ListenerState,
     *,
@@ -151,8 +151,8 @@ async def listen_forever(
                 if not started:
                     started = True
                     task_status.started()
-                async for _ in conn.notifies():
-                    on_notify()
+                async for notify in conn.notifies():
+                    on_notify(notify)
         except psycopg.OperationalError as exc:
             state.connected = False
             failures += 1

@@ -44,6 +44,8 @@ class Claim:
     writing: bool = False
     retry_delay: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    throttled: int = 0  # earlier claims the provider throttled: they spent no attempt
+    call_started: float = 0.0  # monotonic time this claim's LLM call started
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -66,6 +68,7 @@ class Claim:
             lead_id=LeadId(row["lead_id"]),
             telegram_id=row["telegram_id"],
             attempt=row["attempts"],
+            throttled=row["throttled_claims"],
             token=row["claim_token"],
             waited_seconds=max(0.0, row["waited_seconds"] or 0.0),
             lead=lead,
@@ -200,6 +203,32 @@ async def give_back(
     }
     written = await _fenced_write(pool, queries.GIVE_BACK, params, deadline)
     return status if written else "lost"
+
+
+async def throttle_back(
+    pool: AsyncConnectionPool,
+    claim: Claim,
+    *,
+    error: str,
+    gave_up_error: str,
+    patience_seconds: float,
+    delay_seconds: float,
+    pause_seconds: float,
+    deadline: float,
+) -> Outcome:
+    """Put a throttled request back without spending an attempt; `failed` past the patience."""
+    params = {
+        "id": claim.id,
+        "claim_token": claim.token,
+        "error": error,
+        "gave_up_error": gave_up_error,
+        "patience_seconds": patience_seconds,
+        "delay_seconds": delay_seconds,
+        "pause_seconds": pause_seconds,
+    }
+    rows = await _fenced_write(pool, queries.THROTTLE_BACK, params, deadline)
+    status: Outcome = rows[0][0] if rows else "lost"
+    return status
 
 
 async def hand_back(pool: AsyncConnectionPool, claims: list[Claim]) -> list[int]:

@@ -9,7 +9,8 @@ from typing import LiteralString
 
 LISTEN_CHANNEL: LiteralString = "plan_requests"
 EVENTS_CHANNEL: LiteralString = "plan_request_events"
-LISTEN: LiteralString = "LISTEN plan_requests"
+# Also the provider's pause, announced by whichever worker was throttled (see THROTTLE_BACK).
+LISTEN: LiteralString = "LISTEN plan_requests; LISTEN planbus_provider_limits"
 
 # Claim up to %(limit)s due requests in one statement, and load their leads with them.
 # ARRAY(...) evaluates the locking subquery exactly once; IN (subquery) may not.
@@ -37,14 +38,15 @@ WITH claimed AS (
                 ORDER BY run_after, id
                 LIMIT %(limit)s
                   FOR UPDATE SKIP LOCKED))
- RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.claim_token, r.created_at, r.claimed_at
+ RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.throttled_claims, r.claim_token,
+           r.created_at, r.claimed_at
 ), next_due AS (
     SELECT extract(epoch FROM min(run_after) - now())::float8 AS seconds
       FROM plan_requests
      WHERE status = 'pending' AND run_after > now()
 )
 SELECT n.seconds AS next_due_seconds,
-       c.id, c.lead_id, c.telegram_id, c.attempts, c.claim_token,
+       c.id, c.lead_id, c.telegram_id, c.attempts, c.throttled_claims, c.claim_token,
        extract(epoch FROM c.claimed_at - c.created_at)::float8 AS waited_seconds,
        l.id IS NOT NULL AS lead_found, l.telegram_id AS lead_telegram_id,
        l.prospect_name, l.prospect_title, l.prospect_company, l.prospect_analysis,
@@ -123,6 +125,7 @@ WITH given AS (
            result = CASE WHEN %(status)s::text = 'failed'
                          THEN jsonb_build_object('error', %(error)s::text) ELSE result END,
            last_error = %(error)s::text,
+           throttled_since = NULL,
            run_after = now() + make_interval(secs => %(delay_seconds)s),
            claim_token = NULL,
            lease_expires_at = NULL,
@@ -148,24 +151,25 @@ RETURNING r.id
 """
 
 # The fallback sweep: claims whose lease ran out (their worker died or froze) go back to
-# `pending`, or to `failed` once their attempts are spent. Rows from an older deployment that
-# are `processing` without any lease count as expired.
+# `pending`, or to `failed` once their attempts are spent (claims the provider throttled
+# spend none). Rows from an older deployment that are `processing` without any lease count
+# as expired.
 RECOVER_EXPIRED: LiteralString = """
 WITH expired AS (
-    SELECT id FROM plan_requests
+    SELECT id, attempts - throttled_claims >= %(max_attempts)s AS spent FROM plan_requests
      WHERE status = 'processing' AND (lease_expires_at IS NULL OR lease_expires_at < now())
        FOR UPDATE SKIP LOCKED
 ), recovered AS (
     UPDATE plan_requests AS r
-       SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
-           result = CASE WHEN r.attempts >= %(max_attempts)s
+       SET status = CASE WHEN expired.spent THEN 'failed' ELSE 'pending' END,
+           result = CASE WHEN expired.spent
                          THEN jsonb_build_object('error', %(lost_error)s::text) ELSE r.result END,
            last_error = %(lost_error)s::text,
            claim_token = NULL,
            lease_expires_at = NULL,
            worker_id = NULL,
            run_after = now(),
-           finished_at = CASE WHEN r.attempts >= %(max_attempts)s THEN now() END,
+           finished_at = CASE WHEN expired.spent THEN now() END,
            updated_at = now()
       FROM expired
      WHERE r.id = expired.id
@@ -183,6 +187,91 @@ SELECT to_regclass('public.plan_requests') IS NOT NULL
    AND EXISTS (SELECT 1 FROM information_schema.columns
                 WHERE table_schema = 'public' AND table_name = 'plan_requests'
                   AND column_name = 'claim_token')
+"""
+
+# -- provider limits --------------------------------------------------------------------------
+
+# Where a throttling provider's "retry after" reaches the other workers: NOTIFY on this channel,
+# payload the seconds the pause has left (the row in planbus_provider_limits is the truth).
+PROVIDER_CHANNEL: LiteralString = "planbus_provider_limits"
+
+# A throttled call (HTTP 429 rate limit, 503 overloaded): flow control, not failure. The request
+# goes back to `pending` after %(delay_seconds)s; the claim counts in `throttled_claims`, so it
+# spends none of PLANBUS_MAX_ATTEMPTS. Only a request throttled without a break for
+# %(patience_seconds)s fails, with %(gave_up_error)s. The provider's wait, when it gave one,
+# becomes the database's pause (never shortened) and is announced to every worker. Fenced like
+# GIVE_BACK.
+THROTTLE_BACK: LiteralString = """
+WITH claim AS (
+    SELECT id, coalesce(throttled_since, now()) AS since,
+           coalesce(throttled_since, now())
+               <= now() - make_interval(secs => %(patience_seconds)s) AS gives_up
+      FROM plan_requests
+     WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
+), given AS (
+    UPDATE plan_requests AS r
+       SET status = CASE WHEN c.gives_up THEN 'failed' ELSE 'pending' END,
+           result = CASE WHEN c.gives_up THEN jsonb_build_object('error', %(gave_up_error)s::text)
+                         ELSE r.result END,
+           last_error = CASE WHEN c.gives_up THEN %(gave_up_error)s::text ELSE %(error)s::text END,
+           throttled_claims = r.throttled_claims + 1,
+           throttled_since = c.since,
+           run_after = now() + make_interval(secs => %(delay_seconds)s),
+           claim_token = NULL,
+           lease_expires_at = NULL,
+           worker_id = NULL,
+           finished_at = CASE WHEN c.gives_up THEN now() END,
+           updated_at = now()
+      FROM claim AS c
+     WHERE r.id = c.id AND r.claim_token = %(claim_token)s AND r.status = 'processing'
+ RETURNING r.id, r.lead_id, r.telegram_id, r.status
+), pause AS (
+    UPDATE planbus_provider_limits
+       SET paused_until = greatest(paused_until,
+                                   now() + make_interval(secs => %(pause_seconds)s::float8))
+     WHERE %(pause_seconds)s::float8 > 0
+ RETURNING paused_until
+)
+SELECT status,
+       CASE WHEN status = 'failed' THEN pg_notify('plan_request_events', json_build_object(
+           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text) END,
+       (SELECT pg_notify('planbus_provider_limits',
+                         extract(epoch FROM p.paused_until - now())::float8::text)
+          FROM pause AS p)
+  FROM given
+"""
+
+# How long the database's pause has left (read after LISTEN (re)connects: notifications sent
+# meanwhile were missed).
+PAUSE_LEFT: LiteralString = """
+SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8
+  FROM planbus_provider_limits
+"""
+
+# The optional ceiling PLANBUS_LLM_REQUESTS_PER_MINUTE, shared by every worker: a token bucket
+# of %(burst)s calls refilled at %(per_second)s. Sent before a claim only when the ceiling is
+# set: it grants up to %(wanted)s calls and says how long until the next one would be granted.
+RESERVE_CALLS: LiteralString = """
+WITH refilled AS (
+    SELECT least(%(burst)s::float8,
+                 coalesce(budget + extract(epoch FROM now() - budget_at)::float8
+                                   * %(per_second)s::float8,
+                          %(burst)s::float8)) AS tokens
+      FROM planbus_provider_limits
+       FOR UPDATE
+), granted AS (
+    SELECT tokens, greatest(0, least(%(wanted)s::int, floor(tokens)::int)) AS calls
+      FROM refilled
+)
+UPDATE planbus_provider_limits
+   SET budget = g.tokens - g.calls, budget_at = now()
+  FROM granted AS g
+RETURNING g.calls, greatest(1 - (g.tokens - g.calls), 0) / %(per_second)s::float8 AS wait_seconds
+"""
+
+# Calls granted by RESERVE_CALLS that found no request to claim go back to the bucket.
+REFUND_CALLS: LiteralString = """
+UPDATE planbus_provider_limits SET budget = least(%(burst)s::float8, budget + %(calls)s::int)
 """
 
 # -- metrics and operator commands (`python -m planbus`) ----------------------------------------

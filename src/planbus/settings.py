@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     # /metrics and /healthz; 0 means off. All interfaces by default, so Prometheus can scrape.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
+    # provider limits (docs/llm.md): how long a request may stay throttled before it fails
+    # (10 minutes outlasts any per-minute window and a provider's usual brown-out), and an
+    # optional ceiling on calls per minute shared by every worker of the database.
+    throttle_patience_seconds: float = Field(default=600.0, ge=0, le=86_400)
+    llm_requests_per_minute: float | None = Field(default=None, gt=0, le=1_000_000)
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
     )

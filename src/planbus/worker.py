@@ -22,10 +22,11 @@ from planbus import effects, queries
 from planbus.backoff import backoff_delay
 from planbus.db import ListenerState, connect_for_claims, listen_forever
 from planbus.effects import Claim, Outcome
-from planbus.errors import PermanentError, PlanningError, TransientError
+from planbus.errors import PermanentError, PlanningError, Throttled, TransientError
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
 from planbus.planner import Planner
+from planbus.provider_limits import ProviderLimits
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class Worker:
         self.listener = ListenerState()
         self.metrics = WorkerMetrics(self.listener, lambda: len(self.inflight))
         self.inflight: dict[int, Claim] = {}
+        self.limits = ProviderLimits(settings, pool)
+        self.limits.register(self.metrics.registry)
         # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
         self._wakeup = Wakeup()
@@ -122,7 +125,7 @@ class Worker:
     async def _claim_loop(self, requests: TaskGroup) -> None:
         failures = 0
         while not self._stopping:
-            free = self.settings.concurrency - len(self.inflight)
+            free = self.limits.allowed(len(self.inflight), time.monotonic())
             if free > 0 and self._due():
                 try:
                     claims = await self._claim(free)
@@ -142,9 +145,16 @@ class Worker:
                     # of n claims sends nothing until all n requests are built.
                     await anyio.lowlevel.checkpoint()
                 continue
-            # With every slot busy only a finished request (or stop) can make room.
-            timeout = math.inf if free <= 0 else max(0.0, self._next_due - time.monotonic())
-            await self._wakeup.wait(timeout)
+            await self._wakeup.wait(self._idle_timeout())
+
+    def _idle_timeout(self) -> float:
+        # With every slot busy only a finished request (or stop) can make room; a free slot
+        # waits for the provider's pause or spacing, and for the next retry to become due.
+        if self.limits.slots(len(self.inflight)) <= 0:
+            return math.inf
+        now = time.monotonic()
+        due = 0.0 if self._maybe_more else self._next_due - now
+        return max(0.0, self.limits.wait(now), due)
 
     def _due(self) -> bool:
         return self._maybe_more or time.monotonic() >= self._next_due
@@ -157,22 +167,29 @@ class Worker:
             await self._drop_claims_connection()
             self._renew_claims_conn = False
             conn = self._claims_conn = await connect_for_claims(self.pool)
+        granted = await self.limits.reserve(conn, limit)
+        if granted < limit:
+            self._maybe_more = True  # the ceiling, not the queue, held the claim back
+            if not granted:
+                return []
         cursor = conn.cursor(row_factory=dict_row)
         await cursor.execute(
             queries.CLAIM,
             {
                 "worker_id": self.worker_id,
                 "lease_seconds": self.settings.lease_seconds,
-                "limit": limit,
+                "limit": granted,
             },
         )
         rows = await cursor.fetchall()
         seconds = rows[0]["next_due_seconds"] if rows else None
         self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
         claims = [Claim.from_row(row) for row in rows if row["id"] is not None]
-        if len(claims) == limit:
+        if len(claims) == granted:
             self._maybe_more = True
+        await self.limits.refund(conn, granted - len(claims))
         for claim in claims:
+            self.limits.started(claim, time.monotonic())
             log.info(
                 "request %d lead %d claimed (attempt %d, waited %.1f ms)",
                 claim.id,
@@ -192,7 +209,10 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await conn.close()
 
-    def _on_notify(self) -> None:
+    def _on_notify(self, notify: psycopg.Notify | None = None) -> None:
+        if notify is not None and notify.channel == queries.PROVIDER_CHANNEL:
+            self.limits.paused_elsewhere(notify.payload)
+            return
         self._maybe_more = True
         self._wakeup.set()
 
@@ -203,6 +223,10 @@ class Worker:
             with anyio.move_on_after(self.settings.lease_seconds):
                 await self.pool.check()
             self._renew_claims_conn = True
+        try:
+            await self.limits.catch_up()
+        except psycopg.Error as exc:
+            log.warning("could not read the provider pause (%s)", _one_line(exc))
         self._on_notify()
 
     # -- processing ------------------------------------------------------------------------
@@ -222,6 +246,7 @@ class Worker:
             except Exception as exc:  # a planner bug must not take the worker down
                 log.exception("request %d: unexpected planner error", claim.id)
                 error = TransientError(f"Unexpected error while planning ({type(exc).__name__}).")
+        self.limits.answered(claim, error, len(self.inflight))
         if claim.lost:
             self._release(claim)
             self.metrics.finished("lost", time.monotonic() - claim.started, error)
@@ -244,9 +269,12 @@ class Worker:
         try:
             if error is None:
                 return await self.completions.complete(claim, plan, deadline)
-            final = isinstance(error, PermanentError) or claim.attempt >= self.settings.max_attempts
+            if isinstance(error, Throttled):
+                return await self.limits.throttle_back(claim, error, deadline)
+            spent = claim.attempt - claim.throttled  # throttled claims spend no attempt
+            final = isinstance(error, PermanentError) or spent >= self.settings.max_attempts
             delay = backoff_delay(
-                claim.attempt,
+                spent,
                 base=self.settings.retry_base_seconds,
                 cap=self.settings.retry_max_seconds,
             )
