@@ -14,6 +14,7 @@ import pytest
 
 from planbus.errors import ConfigurationError, TransientError
 from planbus.openai_planner import (
+    CUT_MARK,
     FIELD_BUDGET,
     WEB_RESEARCH_BUDGET,
     OpenAIPlanner,
@@ -23,7 +24,7 @@ from planbus.openai_planner import (
 )
 from planbus.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
 from planbus.planner import TemplatePlanner, make_planner, template_steps
-from planbus.provider_errors import CUT_MARK, retry_after_seconds
+from planbus.provider_errors import retry_after_seconds
 from planbus.settings import load_settings
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply

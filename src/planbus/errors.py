@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# How every sentence about a model answer that cannot be used begins.
+INVALID_OUTPUT = "The model's output was invalid"
+
 
 class ConfigurationError(Exception):
     """The worker cannot start: the message says what the operator must do."""

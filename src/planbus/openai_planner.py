@@ -17,15 +17,9 @@ import anyio
 import openai
 from openai import AsyncOpenAI
 
-from planbus.errors import ConfigurationError, TransientError
+from planbus.errors import INVALID_OUTPUT, ConfigurationError, TransientError
 from planbus.plan import InvalidPlan, Lead, Plan, plan_json_schema, validate_plan
-from planbus.provider_errors import (
-    INVALID_OUTPUT,
-    ProviderErrors,
-    cut,
-    rejects_json_schema,
-    server_detail,
-)
+from planbus.provider_errors import ProviderErrors, server_detail
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -39,6 +33,7 @@ log = logging.getLogger(__name__)
 # a model's context: at most 6 x 4,000 + 12,000 = 36,000 characters (about 9,000 tokens).
 FIELD_BUDGET = 4_000
 WEB_RESEARCH_BUDGET = 12_000
+CUT_MARK = " [...cut]"
 
 LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = (
     ("prospect_name", "Name", FIELD_BUDGET),
@@ -109,7 +104,7 @@ class OpenAIPlanner:
             try:
                 return await self._complete(self._system_prompt, user, self._schema_format)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                if not rejects_json_schema(exc):
+                if not _rejects_json_schema(exc):
                     raise
                 self._fall_back_to_json_mode(exc)
         return await self._complete(self._json_mode_prompt, user, JSON_MODE)
@@ -158,6 +153,13 @@ def user_message(lead: Lead) -> str:
     return "Write the engagement plan for this prospect.\n\n" + "\n\n".join(sections)
 
 
+def cut(text: str, budget: int) -> str:
+    """`text` if it fits in `budget` characters, else its start and a visible mark."""
+    if len(text) <= budget:
+        return text
+    return text[: budget - len(CUT_MARK)] + CUT_MARK
+
+
 def parse_plan(content: str) -> Plan:
     """Decode and validate the model's answer; an invalid one is worth another attempt."""
     try:
@@ -197,3 +199,9 @@ def _content(answer: str) -> str:
         f"{INVALID_OUTPUT}: the answer had no message content (finish_reason {reason}).",
         kind="invalid_output",
     )
+
+
+def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
+    """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
+    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+    return "json_schema" in text or "response_format" in text

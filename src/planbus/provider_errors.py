@@ -9,8 +9,8 @@ attempt. No sentence ever carries the API key.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -20,10 +20,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import openai
 
-from planbus.errors import PermanentError, PlanningError, Throttled, TransientError
+from planbus.errors import INVALID_OUTPUT, PermanentError, PlanningError, Throttled, TransientError
 
-INVALID_OUTPUT = "The model's output was invalid"
-CUT_MARK = " [...cut]"
+DETAIL_WIDTH = 200  # characters of a server's own error message kept in a sentence
 
 QUOTA_EXHAUSTED = (
     "The LLM account's quota is exhausted (insufficient_quota): add credit or raise the limit."
@@ -201,12 +200,6 @@ def _number(value: str | None) -> float | None:
     return number if number is not None and 0 <= number < float("inf") else None
 
 
-def rejects_json_schema(exc: openai.APIStatusError) -> bool:
-    """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
-    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
-    return "json_schema" in text or "response_format" in text
-
-
 def server_detail(exc: openai.APIStatusError, secret: str) -> str:
     """The server's own error message, as one short line without the API key."""
     body: Any = exc.body
@@ -215,11 +208,4 @@ def server_detail(exc: openai.APIStatusError, secret: str) -> str:
         return ""
     if secret:
         message = message.replace(secret, "[redacted]")
-    return cut(" ".join(message.split()), 200).rstrip(".")
-
-
-def cut(text: str, budget: int) -> str:
-    """`text` if it fits in `budget` characters, else its start and a visible mark."""
-    if len(text) <= budget:
-        return text
-    return text[: budget - len(CUT_MARK)] + CUT_MARK
+    return textwrap.shorten(message, DETAIL_WIDTH, placeholder=" [...cut]").rstrip(".")
