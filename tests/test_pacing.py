@@ -15,20 +15,20 @@ def test_a_new_pace_allows_the_configured_concurrency() -> None:
     assert pace.allowed(inflight=40, now=0.0) == 0
 
 
-def test_a_throttled_call_halves_the_limit_and_a_burst_of_refusals_counts_once() -> None:
+def test_a_throttled_call_cuts_the_limit_and_a_burst_of_refusals_counts_once() -> None:
     pace = Pace(ceiling=32)
     for _ in range(12):  # twelve calls started together, refused together
         pace.throttled(started=0.0, retry_after=None, now=1.0)
-    assert pace.current_limit == 16
+    assert pace.current_limit == 24
     assert pace.throttled_calls == 12
     # A call started after the cut and refused again is new evidence: cut again.
     pace.throttled(started=1.5, retry_after=None, now=2.0)
-    assert pace.current_limit == 8
+    assert pace.current_limit == 18
 
 
 def test_the_limit_never_drops_below_one() -> None:
     pace = Pace(ceiling=4)
-    for second in range(10):
+    for second in range(20):
         pace.throttled(started=float(second), retry_after=None, now=second + 0.5)
     assert pace.current_limit == 1
     assert pace.allowed(inflight=0, now=100.0) == 1

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # the adaptive limit, not this delay, is what keeps such a server from being flooded.
 UNTIMED_RETURN_CAP = 2.0
 
+CEILING_MARGIN = 0.97
+BURST_MARGIN = 0.9
+
 REFUSALS = {"rate_limited": "rate limited", "overloaded": "overloaded"}
 
 
@@ -51,10 +54,12 @@ class ProviderLimits:
         self.pool = pool
         self.pace = Pace(ceiling=settings.concurrency)
         per_minute = settings.llm_requests_per_minute
-        # A little under the ceiling: a call reaches the provider a few milliseconds after its
-        # claim, and that jitter must not make two calls look closer than the ceiling allows.
-        self.per_second = per_minute / 60 * 0.97 if per_minute else None
-        self.burst = max(1.0, math.floor(per_minute / 60)) if per_minute else 1.0
+        # A little under the ceiling: a call reaches the provider some milliseconds after its
+        # claim (more for the first call on a new connection), and that jitter must not make
+        # two calls look closer together than the ceiling allows. The burst is 90 % of one
+        # second's calls: a provider's own bucket holds at least that much.
+        self.per_second = per_minute / 60 * CEILING_MARGIN if per_minute else None
+        self.burst = max(1.0, math.floor(per_minute / 60 * BURST_MARGIN)) if per_minute else 1.0
         self._ceiling_until = -math.inf
 
     # -- the claim loop ----------------------------------------------------------------------
