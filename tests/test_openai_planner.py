@@ -111,7 +111,8 @@ async def test_plan_from_the_model_is_stored_as_given(database: Database, llm: F
 
     assert request["status"] == "completed"
     assert request["attempts"] == 1
-    assert request["result"] == {"plan": MODEL_STEPS, "step_count": 3}
+    assert request["result"]["plan"] == MODEL_STEPS
+    assert request["result"]["step_count"] == 3
     assert await lead_plan(database, lead) == MODEL_STEPS
     drafts = [r["draft_text"] for r in await database.reminders(lead, "pending")]
     assert drafts == [

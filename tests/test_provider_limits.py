@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from planbus.provider_errors import (
     QUOTA_EXHAUSTED,
@@ -205,3 +206,44 @@ async def test_a_providers_pause_reaches_every_worker_of_the_database(
     assert request["status"] == "completed"
     first_call, second_call = llm.calls
     assert second_call.arrived - first_call.arrived >= 3.0
+
+
+async def test_a_completed_request_records_what_its_plan_cost(
+    database: Database, llm: FakeLLM
+) -> None:
+    llm.script(rate_limited(), Reply(delay=0.05))
+    lead = await database.insert_lead()
+    async with running_worker(database.url, planner="openai", model="cost-model") as worker:
+        request_id = await database.insert_request(lead)
+        request = await database.wait_for(request_id)
+        metrics = generate_latest(worker.metrics.registry).decode()
+
+    result = request["result"]
+    assert request["status"] == "completed"
+    assert result["step_count"] == len(result["plan"])
+    assert result["model"] == "cost-model"  # the fake server answers as the model asked for
+    assert result["usage"] == {"prompt_tokens": 1, "completion_tokens": 1}
+    assert 0.05 <= result["model_seconds"] < 5
+    assert result["throttled_calls"] == 1
+    assert 'planbus_llm_tokens_total{kind="prompt",model="cost-model"} 1.0' in metrics
+    assert 'planbus_llm_tokens_total{kind="completion",model="cost-model"} 1.0' in metrics
+    assert "planbus_llm_throttled_calls_total 1.0" in metrics
+    assert "planbus_llm_concurrency_limit " in metrics
+    assert "planbus_llm_paused_seconds_total " in metrics
+
+
+async def test_a_worker_that_starts_during_a_pause_honours_it(
+    database: Database, llm: FakeLLM
+) -> None:
+    paused_until = await database.value(
+        "UPDATE planbus_provider_limits SET paused_until = now() + interval '1.5 seconds' "
+        "RETURNING paused_until"
+    )
+    lead = await database.insert_lead()
+    request_id = await database.insert_request(lead)
+    async with running_worker(database.url, planner="openai", llm_timeout_seconds=5.0):
+        request = await database.wait_for(request_id)
+
+    assert request["status"] == "completed"
+    (call,) = llm.calls
+    assert call.arrived >= paused_until.timestamp()

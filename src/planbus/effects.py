@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
+from planbus.accounting import Cost
 from planbus.backoff import backoff_delay
 from planbus.plan import Lead, LeadId, Plan, RequestId
 
@@ -46,6 +47,7 @@ class Claim:
     started: float = field(default_factory=time.monotonic)
     throttled: int = 0  # earlier claims the provider throttled: they spent no attempt
     call_started: float = 0.0  # monotonic time this claim's LLM call started
+    cost: Cost | None = None  # what the planning call cost, stored beside the plan
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -94,6 +96,7 @@ class _Completion:
             "id": self.claim.id,
             "claim_token": str(self.claim.token),
             "plan": self.plan.as_json(),
+            "cost": self.claim.cost.as_result() if self.claim.cost else None,
             "reminders": [
                 {"step_id": s.step_id, "delay_days": s.delay_days, "draft_text": s.draft_text}
                 for s in self.plan.steps

@@ -17,6 +17,7 @@ import anyio
 import openai
 from openai import AsyncOpenAI
 
+from planbus.accounting import note_answer
 from planbus.errors import INVALID_OUTPUT, ConfigurationError, TransientError
 from planbus.plan import InvalidPlan, Lead, Plan, plan_json_schema, validate_plan
 from planbus.provider_errors import ProviderErrors, server_detail
@@ -182,6 +183,7 @@ def _content(answer: str) -> str:
     # OpenAI-compatible servers vary: read defensively, and call anything unusable invalid.
     try:
         completion = json.loads(answer)
+        note_answer(completion)
         choice = completion["choices"][0]
         reason = choice.get("finish_reason")
         content = choice.get("message", {}).get("content")

@@ -22,12 +22,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
+from planbus.accounting import Cost
 from planbus.backoff import backoff_delay
 from planbus.effects import Claim, Outcome
 from planbus.errors import PlanningError, Throttled
@@ -61,6 +62,7 @@ class ProviderLimits:
         self.per_second = per_minute / 60 * CEILING_MARGIN if per_minute else None
         self.burst = max(1.0, math.floor(per_minute / 60 * BURST_MARGIN)) if per_minute else 1.0
         self._ceiling_until = -math.inf
+        self._tokens: Counter | None = None
 
     # -- the claim loop ----------------------------------------------------------------------
 
@@ -105,8 +107,11 @@ class ProviderLimits:
     # -- outcomes ----------------------------------------------------------------------------
 
     def answered(self, claim: Claim, error: PlanningError | None, inflight: int) -> None:
-        """Feed the pace: a throttled call cuts it, an answered one grows it."""
+        """Feed the pace (a throttled call cuts it, an answered one grows it); count the cost."""
         now = time.monotonic()
+        if claim.cost is not None:
+            claim.cost.model_seconds = now - claim.call_started
+            self._count_tokens(claim.cost)
         if isinstance(error, Throttled):
             was_paused = self.pace.paused(now)
             self.pace.throttled(claim.call_started, self._pause_seconds(error), now)
@@ -172,17 +177,33 @@ class ProviderLimits:
             now = time.monotonic()
             self.pace.pause_until(now + min(seconds, self.settings.throttle_patience_seconds), now)
 
-    async def catch_up(self) -> None:
+    async def catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Read the database's pause (after LISTEN (re)connects, when notices may be missed)."""
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(queries.PAUSE_LEFT)
-            row = await cursor.fetchone()
+        cursor = await conn.execute(queries.PAUSE_LEFT)
+        row = await cursor.fetchone()
         if row and row[0]:
             self.paused_elsewhere(str(row[0]))
 
     def register(self, registry: CollectorRegistry) -> None:
-        """Serve the pace on /metrics, read at scrape time."""
+        """Serve the pace (read at scrape time) and the tokens spent on /metrics."""
         registry.register(_PaceCollector(self.pace))
+        self._tokens = Counter(
+            "planbus_llm_tokens",
+            "Tokens the provider reported (`usage`), by kind (prompt, completion) and model.",
+            ["kind", "model"],
+            registry=registry,
+        )
+
+    def _count_tokens(self, cost: Cost) -> None:
+        if self._tokens is None:
+            return
+        model = cost.model or "unknown"
+        for kind, tokens in (
+            ("prompt", cost.prompt_tokens),
+            ("completion", cost.completion_tokens),
+        ):
+            if tokens:
+                self._tokens.labels(kind=kind, model=model).inc(tokens)
 
 
 class _PaceCollector(Collector):

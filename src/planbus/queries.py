@@ -73,13 +73,15 @@ RETURNING r.id
 # writes nothing at all. The caller never puts two requests of one lead in the same array.
 COMPLETE: LiteralString = """
 WITH input AS (
-    SELECT i.id, i.claim_token, i.plan, i.reminders
+    SELECT i.id, i.claim_token, i.plan, i.reminders, i.cost
       FROM jsonb_to_recordset(%(requests)s::jsonb)
-        AS i (id bigint, claim_token uuid, plan jsonb, reminders jsonb)
+        AS i (id bigint, claim_token uuid, plan jsonb, reminders jsonb, cost jsonb)
 ), done AS (
     UPDATE plan_requests AS r
        SET status = 'completed',
-           result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan)),
+           result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan),
+                                       'throttled_calls', r.throttled_claims)
+                    || coalesce(i.cost, '{}'),
            last_error = NULL,
            claim_token = NULL,
            lease_expires_at = NULL,

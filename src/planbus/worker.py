@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
+from planbus.accounting import ledger
 from planbus.backoff import backoff_delay
 from planbus.db import ListenerState, connect_for_claims, listen_forever
 from planbus.effects import Claim, Outcome
@@ -81,6 +82,7 @@ class Worker:
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
         self._claims_conn: psycopg.AsyncConnection[Any] | None = None
         self._renew_claims_conn = False  # set after LISTEN reconnects: the server may be new
+        self._read_pause = True  # read the database's provider pause before the next claim
         self._stopping = False
         self._idle = anyio.Event()
         self._starting = anyio.CancelScope()
@@ -167,6 +169,12 @@ class Worker:
             await self._drop_claims_connection()
             self._renew_claims_conn = False
             conn = self._claims_conn = await connect_for_claims(self.pool)
+        if self._read_pause:
+            self._read_pause = False
+            await self.limits.catch_up(conn)
+            if self.limits.allowed(len(self.inflight), time.monotonic()) <= 0:
+                self._maybe_more = True
+                return []
         granted = await self.limits.reserve(conn, limit)
         if granted < limit:
             self._maybe_more = True  # the ceiling, not the queue, held the claim back
@@ -223,10 +231,7 @@ class Worker:
             with anyio.move_on_after(self.settings.lease_seconds):
                 await self.pool.check()
             self._renew_claims_conn = True
-        try:
-            await self.limits.catch_up()
-        except psycopg.Error as exc:
-            log.warning("could not read the provider pause (%s)", _one_line(exc))
+        self._read_pause = True  # a peer's pause may have been announced while we were away
         self._on_notify()
 
     # -- processing ------------------------------------------------------------------------
@@ -240,7 +245,9 @@ class Worker:
                 if claim.lead is None:
                     missing = f"Lead {claim.lead_id} does not exist."
                     raise PermanentError(missing, kind="lead_missing")
-                plan = await self.planner.plan(claim.lead)
+                with ledger(getattr(self.planner, "model", self.planner.name)) as cost:
+                    claim.cost = cost
+                    plan = await self.planner.plan(claim.lead)
             except PlanningError as exc:
                 error = exc
             except Exception as exc:  # a planner bug must not take the worker down
