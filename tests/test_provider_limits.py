@@ -8,9 +8,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 from prometheus_client import generate_latest
 
+from planbus import cli
 from planbus.provider_errors import (
     QUOTA_EXHAUSTED,
     duration_seconds,
@@ -247,3 +249,27 @@ async def test_a_worker_that_starts_during_a_pause_honours_it(
     assert request["status"] == "completed"
     (call,) = llm.calls
     assert call.arrived >= paused_until.timestamp()
+
+
+async def test_status_shows_the_pause_the_throttled_requests_and_the_last_hours_tokens(
+    database: Database, llm: FakeLLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lead = await database.insert_lead()
+    async with running_worker(database.url, planner="openai", model="cost-model"):
+        await database.wait_for(await database.insert_request(lead))
+    await database.conn.execute(
+        "UPDATE planbus_provider_limits SET paused_until = now() + interval '30 seconds'"
+    )
+    waiting = await database.insert_request(await database.insert_lead())
+    await database.conn.execute(
+        "UPDATE plan_requests SET throttled_since = now(), throttled_claims = 2 WHERE id = %s",
+        (waiting,),
+    )
+
+    code = await anyio.to_thread.run_sync(cli.main, ["status", "--database-url", database.url])
+    out = capsys.readouterr().out
+
+    assert code == 0
+    assert "LLM provider: paused for " in out
+    assert "1 requests finished in the last minute; 1 throttled requests waiting" in out
+    assert "tokens in the last hour: cost-model: 1 prompt + 1 completion in 1 plans" in out

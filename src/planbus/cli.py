@@ -27,7 +27,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import db, listen, logs, queries
+from planbus import db, listen, logs, provider_limits, queries
 from planbus.errors import ConfigurationError
 from planbus.settings import Settings, load_settings
 
@@ -100,6 +100,7 @@ async def status_command(settings: Settings, args: argparse.Namespace) -> int:
             "failed_last_hour": await fetchall(
                 conn, queries.STATUS_RECENT_FAILURES, {"limit": LIST_LIMIT}
             ),
+            "provider": await provider_limits.status_report(conn),
         }
     if args.json:
         print(json.dumps(report, indent=2, default=_json_value))
@@ -147,6 +148,7 @@ def format_status(report: dict[str, Any]) -> str:
             for r in failures
         ]
         lines.append(table(["request", "lead", "attempts", "at", "error"], rows, indent="  "))
+    lines.extend(provider_limits.status_lines(report["provider"]))
     return "\n".join(lines)
 
 

@@ -271,6 +271,28 @@ UPDATE planbus_provider_limits
 RETURNING g.calls, greatest(1 - (g.tokens - g.calls), 0) / %(per_second)s::float8 AS wait_seconds
 """
 
+# `python -m planbus status`: the shared pause, the requests waiting out throttling, the pace of
+# the last minute, and the last hour's plans and tokens by model.
+STATUS_PROVIDER: LiteralString = """
+SELECT (SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8
+          FROM planbus_provider_limits) AS paused_seconds,
+       (SELECT count(*) FROM plan_requests
+         WHERE status = 'pending' AND throttled_since IS NOT NULL) AS throttled_waiting,
+       (SELECT count(*) FROM plan_requests
+         WHERE status IN ('completed', 'failed')
+           AND finished_at > now() - interval '1 minute') AS finished_last_minute
+"""
+
+STATUS_TOKENS_LAST_HOUR: LiteralString = """
+SELECT coalesce(result ->> 'model', 'unknown') AS model, count(*) AS plans,
+       sum((result -> 'usage' ->> 'prompt_tokens')::bigint) AS prompt_tokens,
+       sum((result -> 'usage' ->> 'completion_tokens')::bigint) AS completion_tokens
+  FROM plan_requests
+ WHERE status = 'completed' AND finished_at > now() - interval '1 hour'
+ GROUP BY 1
+ ORDER BY 1
+"""
+
 # Calls granted by RESERVE_CALLS that found no request to claim go back to the bucket.
 REFUND_CALLS: LiteralString = """
 UPDATE planbus_provider_limits SET budget = least(%(burst)s::float8, budget + %(calls)s::int)
