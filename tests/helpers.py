@@ -12,8 +12,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from planbus import db
-from planbus.planner import Planner, make_planner
+from planbus import runtime
+from planbus.planner import Planner
 from planbus.settings import load_settings
 from planbus.worker import Worker
 
@@ -186,23 +186,15 @@ async def running_worker(
     if isinstance(planner, str):
         overrides["planner"], planner = planner, None
     settings = load_settings(settings_for(url, **overrides))
-    owned: Planner | None = None
-    if planner is None:
-        planner = owned = make_planner(settings)
-    pool = db.make_pool(url, settings.pool_size)
-    await pool.open(wait=True, timeout=10)
-    worker = Worker(settings, url, pool, planner, "test-worker")
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            try:
-                yield worker
-            finally:
-                worker.stop()
-    finally:
-        await pool.close()
-        if owned is not None:
-            await owned.aclose()
+    async with (
+        runtime.open_worker(settings, planner=planner, worker_id="test-worker") as worker,
+        anyio.create_task_group() as tg,
+    ):
+        await tg.start(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.stop()
 
 
 @asynccontextmanager

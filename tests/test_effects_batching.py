@@ -9,7 +9,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from planbus import db, queries
-from planbus.effects import Claim, Completions, Outcome
+from planbus.effects import Completions, Outcome
+from planbus.leases import Claim
 from planbus.planner import TemplatePlanner
 from tests.helpers import Database, listening_events
 

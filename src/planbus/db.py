@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
+from psycopg import sql
 from psycopg.abc import RV, PQGen
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
-from planbus.backoff import backoff_delay
-from planbus.errors import ConfigurationError
+from planbus.errors import ConfigurationError, one_line
+from planbus.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,6 @@ def redact(dsn: str) -> str:
 
 def worker_name() -> str:
     """host:pid, stored on each claim so an operator can see who holds it."""
-    import os
-
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -41,9 +42,8 @@ async def check_database(dsn: str, head: str | None) -> None:
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"invalid database URL {redact(dsn)!r}: {exc}") from None
     except psycopg.OperationalError as exc:
-        reason = " ".join(str(exc).split())
         raise ConfigurationError(
-            f"cannot connect to the database at {redact(dsn)}: {reason}"
+            f"cannot connect to the database at {redact(dsn)}: {one_line(exc)}"
         ) from None
     async with conn:
         ready = await (await conn.execute(queries.SCHEMA_READY)).fetchone()
@@ -52,11 +52,18 @@ async def check_database(dsn: str, head: str | None) -> None:
                 "the database has no planbus schema: run `alembic upgrade head` first"
             )
         if head is not None:
-            row = await (await conn.execute("SELECT version_num FROM alembic_version")).fetchone()
+            row = await (await conn.execute(queries.SCHEMA_REVISION)).fetchone()
             if row is None or row[0] != head:
                 raise ConfigurationError(
                     f"the database schema is at revision {row[0] if row else 'none'}, this "
                     f"worker needs {head}: run `alembic upgrade head`"
+                )
+            allowed = await (await conn.execute(queries.EVENT_RIGHTS)).fetchone()
+            if not allowed or not allowed[0]:
+                raise ConfigurationError(
+                    "this role may not send request events: run `GRANT EXECUTE ON FUNCTION "
+                    "public.planbus_request_event(bigint, bigint, bigint, text) TO <role>` "
+                    "as the tables' owner"
                 )
 
 
@@ -87,6 +94,11 @@ async def connect_for_claims(pool: AsyncConnectionPool) -> psycopg.AsyncConnecti
     return await psycopg.AsyncConnection.connect(
         pool.conninfo, autocommit=True, application_name="planbus-claim", connect_timeout=10
     )
+
+
+async def listen(conn: psycopg.AsyncConnection[Any], channel: str) -> None:
+    """LISTEN on `channel`, the name quoted as an identifier."""
+    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
 
 class ListenerState:
@@ -127,7 +139,7 @@ async def listen_forever(
     `on_connect(reconnected)` runs after every (re)connect so the caller can catch up on
     notifications it may have missed while disconnected.
     """
-    failures = 0
+    backoff = Backoff(base=0.05, cap=5.0)
     started = False
     while True:
         try:
@@ -141,12 +153,15 @@ async def listen_forever(
                 keepalives_interval=5,
                 keepalives_count=3,
             ) as conn:
-                await conn.execute(queries.LISTEN)
+                await listen(conn, queries.LISTEN_CHANNEL)
+                await listen(conn, queries.PROVIDER_CHANNEL)  # a peer's provider pause
                 state.connected = True
                 if started:
                     state.reconnects += 1
-                    log.info("LISTEN connection reconnected after %d failed attempts", failures)
-                failures = 0
+                    log.info(
+                        "LISTEN connection reconnected after %d failed attempts", backoff.failures
+                    )
+                backoff.succeeded()
                 await on_connect(started)
                 if not started:
                     started = True
@@ -155,11 +170,6 @@ async def listen_forever(
                     on_notify(notify)
         except psycopg.OperationalError as exc:
             state.connected = False
-            failures += 1
-            delay = backoff_delay(failures, base=0.05, cap=5.0)
-            log.warning(
-                "LISTEN connection lost (%s); reconnecting in %.2fs",
-                " ".join(str(exc).split()) or type(exc).__name__,
-                delay,
-            )
+            delay = backoff.failed(time.monotonic())
+            log.warning("LISTEN connection lost (%s); reconnecting in %.2fs", one_line(exc), delay)
             await anyio.sleep(delay)

@@ -10,8 +10,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from planbus import cli, db, queries
-from planbus.planner import make_planner
+from planbus import client, console, db, queries, runtime
 from planbus.settings import Settings
 from planbus.worker import Worker
 
@@ -41,51 +40,48 @@ DEMO_LEADS = [
 ]
 
 
-async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
+async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
+    """Plan the sample leads; True when every one completed."""
     # Sample leads belong on the embedded server, never on a database named by the environment:
     # only an explicit --database-url points the demo elsewhere.
     settings = settings.model_copy(update={"database_url": args.database_url})
     async with AsyncExitStack() as stack:
-        dsn = await stack.enter_async_context(cli.database(settings))
+        dsn = await stack.enter_async_context(client.database(settings))
         print(f"demo database: {db.redact(dsn)}")
         print(f"planner: {settings.resolved_planner}")
-        planner = make_planner(settings)
-        stack.push_async_callback(planner.aclose)
-        pool = db.make_pool(dsn, settings.pool_size)
-        await pool.open(wait=True, timeout=30)
-        stack.push_async_callback(pool.close)
+        worker_settings = settings.model_copy(
+            update={"database_url": dsn, "work_database_url": None}
+        )
+        worker = await stack.enter_async_context(runtime.open_worker(worker_settings))
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         await stack.enter_async_context(conn)
-        await conn.execute(f"LISTEN {queries.EVENTS_CHANNEL}")
-        worker = Worker(settings, dsn, pool, planner, db.worker_name())
+        await client.listen_events(conn)
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
             ids = [await _demo_request(conn, lead) for lead in DEMO_LEADS]
             await _progress(conn, worker, ids, args.timeout)
             worker.stop()
-        rows = [await cli.request_row(conn, i) for i in ids]
+        rows = [await client.request_row(conn, i) for i in ids]
     print()
     for lead, row in zip(DEMO_LEADS, rows, strict=True):
         result = row["result"] or {}
         print(f"{lead['name']}, {lead['title']} at {lead['company']} (request {row['id']}):")
         if row["status"] == "completed":
-            print(cli.plan_table(result.get("plan", []), indent="  "))
+            print(console.plan_table(result.get("plan", []), indent="  "))
         else:
             print(f"  {row['status']}: {result.get('error', 'did not finish in time')}")
         print()
     if args.database_url is None:
         print("Next: `python -m planbus.listen` runs a worker on this database; then")
         print(f"`python -m planbus request --lead {rows[0]['lead_id']} --wait` asks it for a plan.")
-    if all(row["status"] == "completed" for row in rows):
-        return cli.EXIT_OK
-    return cli.EXIT_FAILED
+    return all(row["status"] == "completed" for row in rows)
 
 
 async def _demo_request(conn: psycopg.AsyncConnection[Any], lead: dict[str, str]) -> int:
-    (row,) = await cli.fetchall(
+    (row,) = await client.fetchall(
         conn, queries.INSERT_DEMO_LEAD, {"telegram_id": DEMO_TELEGRAM_ID, **lead}
     )
-    request_id, _, _ = await cli.insert_request(conn, row["id"], None)
+    request_id, _, _ = await client.insert_request(conn, row["id"], None)
     return request_id
 
 
@@ -99,7 +95,7 @@ async def _progress(
     shown = ""
     while len(done) < len(ids) and anyio.current_time() - started < within:
         async for notify in conn.notifies(timeout=0.1):
-            event_id = cli.event_id(notify.payload)
+            event_id = client.event_id(notify.payload)
             if event_id in ids:
                 done.add(event_id)
         running = len(set(ids) & set(worker.inflight) - done)

@@ -1,4 +1,4 @@
-"""The writes that end a claim: complete, give back for a retry, fail, or hand back on stop.
+"""The writes that end a claim: complete, or give back for a retry, or fail.
 
 Each is one statement fenced by the claim token, so it either applies in full while the claim
 is still ours, or writes nothing at all. Completions that finish together share a statement.
@@ -11,7 +11,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, LiteralString
-from uuid import UUID
 
 import anyio
 import psycopg
@@ -21,60 +20,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
-from planbus.accounting import Cost
-from planbus.backoff import backoff_delay
-from planbus.plan import Lead, LeadId, Plan, RequestId
+from planbus.errors import one_line
+from planbus.leases import Claim
+from planbus.plan import Plan
+from planbus.retry import Backoff
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False, slots=True)
-class Claim:
-    """A request this process holds, from claim to its last write."""
-
-    id: RequestId
-    lead_id: LeadId
-    telegram_id: int
-    attempt: int
-    token: UUID
-    waited_seconds: float
-    lead: Lead | None
-    # Cancelled when the heartbeat finds the claim taken over; wraps only the planning.
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    lost: bool = False
-    writing: bool = False
-    retry_delay: float = 0.0
-    started: float = field(default_factory=time.monotonic)
-    throttled: int = 0  # earlier claims the provider throttled: they spent no attempt
-    call_started: float = 0.0  # monotonic time this claim's LLM call started
-    cost: Cost | None = None  # what the planning call cost, stored beside the plan
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Claim:
-        """Build a claim from one row of `queries.CLAIM`."""
-        lead = None
-        if row["lead_found"]:
-            lead = Lead(
-                id=LeadId(row["lead_id"]),
-                telegram_id=row["lead_telegram_id"],
-                prospect_name=row["prospect_name"],
-                prospect_title=row["prospect_title"],
-                prospect_company=row["prospect_company"],
-                prospect_analysis=row["prospect_analysis"],
-                closing_strategy=row["closing_strategy"],
-                original_context=row["original_context"],
-                web_research=row["web_research"],
-            )
-        return cls(
-            id=RequestId(row["id"]),
-            lead_id=LeadId(row["lead_id"]),
-            telegram_id=row["telegram_id"],
-            attempt=row["attempts"],
-            throttled=row["throttled_claims"],
-            token=row["claim_token"],
-            waited_seconds=max(0.0, row["waited_seconds"] or 0.0),
-            lead=lead,
-        )
 
 
 Outcome = Literal["completed", "pending", "failed", "lost"]
@@ -234,18 +185,6 @@ async def throttle_back(
     return status
 
 
-async def hand_back(pool: AsyncConnectionPool, claims: list[Claim]) -> list[int]:
-    """Return unfinished claims to `pending` at once (graceful stop); the ids handed back."""
-    if not claims:
-        return []
-    async with pool.connection() as conn:
-        cursor = await conn.execute(
-            queries.HAND_BACK,
-            {"ids": [c.id for c in claims], "tokens": [c.token for c in claims]},
-        )
-        return [row[0] for row in await cursor.fetchall()]
-
-
 async def _fenced_write(
     pool: AsyncConnectionPool, query: LiteralString, params: dict[str, Any], deadline: float
 ) -> list[tuple[Any, ...]]:
@@ -256,20 +195,15 @@ async def _fenced_write(
     If a commit succeeded but its answer was lost, the retry matches nothing and reports
     `lost`, which is still exactly once.
     """
-    failures = 0
+    backoff = Backoff(base=0.1, cap=2.0, deadline=deadline)
     while True:
         try:
             async with pool.connection() as conn:
                 cursor = await conn.execute(query, params)
                 return await cursor.fetchall()
         except psycopg.OperationalError as exc:
-            failures += 1
-            delay = backoff_delay(failures, base=0.1, cap=2.0)
-            if time.monotonic() + delay > deadline:
+            delay = backoff.failed(time.monotonic())
+            if backoff.give_up():
                 raise
-            log.warning("database write failed (%s); retrying in %.2fs", _one_line(exc), delay)
+            log.warning("database write failed (%s); retrying in %.2fs", one_line(exc), delay)
             await anyio.sleep(delay)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -42,3 +42,8 @@ class PermanentError(PlanningError):
 
     def __init__(self, message: str, *, kind: str = "permanent") -> None:
         super().__init__(message, kind=kind)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (driver messages span several), or its class name."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -12,10 +12,8 @@ from contextlib import AsyncExitStack
 import anyio
 from anyio.abc import TaskStatus
 
-from planbus import db, logs, metrics, migrate
-from planbus.embedded import EmbeddedPostgres
+from planbus import logs, runtime
 from planbus.errors import ConfigurationError
-from planbus.planner import make_planner
 from planbus.settings import Settings, settings_from_args
 from planbus.worker import Worker
 
@@ -53,21 +51,10 @@ class Shutdown:
 
 
 async def run_worker(settings: Settings, shutdown: Shutdown) -> None:
-    """Connect, check the schema, and run the worker until `shutdown` asks it to stop."""
+    """Build the worker and run it until `shutdown` asks it to stop."""
     async with AsyncExitStack() as stack:
         with shutdown.starting:
-            dsn = settings.database_url
-            if dsn is None:
-                dsn = await anyio.to_thread.run_sync(start_embedded, settings, stack)
-            await db.check_database(dsn, migrate.head_revision())
-            if settings.work_database_url:
-                await db.check_database(settings.work_database_url, None)
-            planner = make_planner(settings)
-            stack.push_async_callback(planner.aclose)
-            pool = db.make_pool(settings.work_database_url or dsn, settings.pool_size)
-            await pool.open(wait=True, timeout=30)
-            stack.push_async_callback(pool.close)
-            shutdown.worker = Worker(settings, dsn, pool, planner, db.worker_name())
+            shutdown.worker = await stack.enter_async_context(runtime.open_worker(settings))
         if shutdown.starting.cancel_called:
             log.info("stopped during start-up; nothing was claimed")
             return
@@ -76,7 +63,9 @@ async def run_worker(settings: Settings, shutdown: Shutdown) -> None:
         settle_heap()
         async with anyio.create_task_group() as tg:
             if settings.metrics_port:
-                await tg.start(metrics.serve, worker, settings.metrics_host, settings.metrics_port)
+                await tg.start(
+                    runtime.serve_metrics, worker, settings.metrics_host, settings.metrics_port
+                )
             await worker.run()
             tg.cancel_scope.cancel()
 
@@ -91,18 +80,6 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def start_embedded(settings: Settings, stack: AsyncExitStack) -> str:
-    """The newcomer default: a local server in `settings.data_dir`, migrated to head."""
-    server = EmbeddedPostgres(settings.data_dir)
-    dsn = server.start()
-    if server.owned:
-        stack.callback(server.stop)
-    log.info("embedded PostgreSQL data folder: %s", server.data_dir)
-    migrate.upgrade(dsn)
-    log.info("embedded PostgreSQL ready; connect with: psql '%s'", dsn)
-    return dsn
 
 
 async def stop_on_signals(

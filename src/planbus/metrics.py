@@ -1,4 +1,4 @@
-"""Prometheus metrics and the health check, served on `--metrics-port`.
+"""Prometheus metrics and the health check; `metrics_server` serves them on `--metrics-port`.
 
 Each Worker owns a registry of its own (never the global default), so several workers in one
 process, as in the tests, never collide. Queue depth and the oldest pending age are read from
@@ -10,28 +10,25 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
 import psycopg
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from planbus import queries
-from planbus.errors import ConfigurationError, PermanentError, PlanningError
+from planbus.errors import PermanentError, PlanningError
 
 if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
+
     from planbus.db import ListenerState
-    from planbus.worker import Worker
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HEALTH_TIMEOUT_SECONDS = 2.0
-MAX_REQUEST_BYTES = 8192
 
 # From a NOTIFY round trip (sub-millisecond) to a request that waited out retries.
 PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -134,37 +131,14 @@ def error_kind(error: PlanningError) -> str:
     return "permanent" if isinstance(error, PermanentError) else "transient"
 
 
-# -- the HTTP side ----------------------------------------------------------------------------
+# -- read at scrape time ----------------------------------------------------------------------
 
 
-async def serve(
-    worker: Worker,
-    host: str,
-    port: int,
-    *,
-    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Answer GET /metrics and GET /healthz on host:port until cancelled; reports the port."""
-    try:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
-            "choose another --metrics-port"
-        ) from None
-    bound = int(listener.extra(SocketAttribute.local_port))
-    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, bound)
-    task_status.started(bound)
-    async with listener:
-        await listener.serve(partial(_handle, worker))
-
-
-async def render_metrics(worker: Worker) -> bytes:
+async def scrape(metrics: WorkerMetrics, pool: AsyncConnectionPool) -> bytes:
     """The text exposition, after reading queue depth and age from the database."""
-    metrics = worker.metrics
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
-            async with worker.pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
+            async with pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
                 row = await (await conn.execute(queries.QUEUE_STATS)).fetchone()
         depth, age = (row[0], row[1]) if row else (0, None)
         metrics.queue_depth.set(depth)
@@ -177,59 +151,14 @@ async def render_metrics(worker: Worker) -> bytes:
     return generate_latest(metrics.registry)
 
 
-async def health(worker: Worker) -> tuple[bool, str]:
+async def health(listener: ListenerState, pool: AsyncConnectionPool) -> tuple[bool, str]:
     """Healthy while LISTEN is connected and the database answers a trivial query."""
-    if not worker.listener.connected:
+    if not listener.connected:
         return False, "LISTEN connection is down"
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
-            async with worker.pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
-                await conn.execute("SELECT 1")
+            async with pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
+                await conn.execute(queries.HEALTH_CHECK)
     except (psycopg.Error, TimeoutError) as exc:
         return False, f"database does not answer ({type(exc).__name__})"
     return True, "ok"
-
-
-async def _handle(worker: Worker, stream: SocketStream) -> None:
-    async with stream:
-        try:
-            with anyio.fail_after(5):
-                path = await _read_path(stream)
-            if path == "/metrics":
-                await _respond(stream, 200, await render_metrics(worker), CONTENT_TYPE)
-            elif path == "/healthz":
-                ok, reason = await health(worker)
-                await _respond(stream, 200 if ok else 503, f"{reason}\n".encode())
-            elif path is None:
-                await _respond(stream, 400, b"bad request\n")
-            else:
-                await _respond(stream, 404, b"try /metrics or /healthz\n")
-        except (TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream, OSError):
-            pass  # a client that went away or never finished its request deserves nothing more
-
-
-async def _read_path(stream: SocketStream) -> str | None:
-    data = b""
-    while b"\r\n\r\n" not in data and b"\n\n" not in data:
-        data += await stream.receive()
-        if len(data) > MAX_REQUEST_BYTES:
-            return None
-    parts = data.split(b"\r\n", 1)[0].split()
-    if len(parts) < 2 or parts[0] != b"GET":
-        return None
-    return parts[1].decode("latin-1").split("?", 1)[0]
-
-
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
-
-
-async def _respond(
-    stream: SocketStream, status: int, body: bytes, content_type: str = "text/plain"
-) -> None:
-    head = (
-        f"HTTP/1.1 {status} {REASONS[status]}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    await stream.send(head.encode("latin-1") + body)

@@ -19,7 +19,14 @@ from openai import AsyncOpenAI
 
 from planbus.accounting import note_answer
 from planbus.errors import INVALID_OUTPUT, ConfigurationError, TransientError
-from planbus.plan import InvalidPlan, Lead, Plan, plan_json_schema, validate_plan
+from planbus.plan import (
+    LEAD_TEXT_FIELDS,
+    InvalidPlan,
+    Lead,
+    Plan,
+    plan_json_schema,
+    validate_plan,
+)
 from planbus.provider_errors import ProviderErrors, server_detail
 
 if TYPE_CHECKING:
@@ -36,14 +43,20 @@ FIELD_BUDGET = 4_000
 WEB_RESEARCH_BUDGET = 12_000
 CUT_MARK = " [...cut]"
 
-LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = (
-    ("prospect_name", "Name", FIELD_BUDGET),
-    ("prospect_title", "Title", FIELD_BUDGET),
-    ("prospect_company", "Company", FIELD_BUDGET),
-    ("prospect_analysis", "Analysis of the prospect", FIELD_BUDGET),
-    ("closing_strategy", "Closing strategy", FIELD_BUDGET),
-    ("original_context", "Original context", FIELD_BUDGET),
-    ("web_research", "Web research", WEB_RESEARCH_BUDGET),
+# How the prompt heads each of the lead's fields; `plan.LEAD_TEXT_FIELDS` gives which and in
+# what order (a field added there without a heading here fails at import, not in a prompt).
+LEAD_HEADINGS = {
+    "prospect_name": "Name",
+    "prospect_title": "Title",
+    "prospect_company": "Company",
+    "prospect_analysis": "Analysis of the prospect",
+    "closing_strategy": "Closing strategy",
+    "original_context": "Original context",
+    "web_research": "Web research",
+}
+LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = tuple(
+    (name, LEAD_HEADINGS[name], WEB_RESEARCH_BUDGET if name == "web_research" else FIELD_BUDGET)
+    for name in LEAD_TEXT_FIELDS
 )
 
 JSON_MODE: ResponseFormat = {"type": "json_object"}

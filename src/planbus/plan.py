@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Literal, NewType, get_args
 
 from pydantic import (
@@ -168,3 +169,17 @@ class Lead:
     closing_strategy: str | None = None
     original_context: str | None = None
     web_research: str | None = None
+
+
+# The lead's text fields, in the contract's order: the one list the claim and the prompt read.
+# `queries.CLAIM` selects these columns by name; a column it missed fails every claim at once.
+LEAD_TEXT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Lead))[2:]
+
+
+def lead_from_row(row: Mapping[str, Any]) -> Lead:
+    """The lead from a claim row: `lead_id`, `lead_telegram_id` and the text fields."""
+    return Lead(
+        id=LeadId(row["lead_id"]),
+        telegram_id=row["lead_telegram_id"],
+        **{name: row[name] for name in LEAD_TEXT_FIELDS},
+    )

@@ -30,17 +30,14 @@ from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
 from planbus.accounting import Cost
-from planbus.backoff import backoff_delay
-from planbus.effects import Claim, Outcome
+from planbus.effects import Outcome
 from planbus.errors import PlanningError, Throttled
+from planbus.leases import Claim
 from planbus.pacing import Pace
+from planbus.retry import throttled_delay
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# The longest a throttled request waits when the provider named no wait (Ollama's 503 does not):
-# the adaptive limit, not this delay, is what keeps such a server from being flooded.
-UNTIMED_RETURN_CAP = 2.0
 
 CEILING_MARGIN = 0.97
 BURST_MARGIN = 0.9
@@ -128,15 +125,15 @@ class ProviderLimits:
         elif error is None:
             self.pace.succeeded(inflight)
 
-    async def throttle_back(self, claim: Claim, error: Throttled, deadline: float) -> Outcome:
-        """Back to `pending` until the pause ends, spending no attempt; `failed` past patience."""
-        pause = self._pause_seconds(error) or 0.0
-        delay = max(pause, self.wait(time.monotonic()))
-        if delay <= 0:  # no wait given: a short jittered one, so refusals do not return together
-            delay = backoff_delay(
-                claim.throttled + 1, base=0.1, cap=self.settings.retry_max_seconds
-            )
-        claim.retry_delay = delay
+    def return_delay(self, claim: Claim, error: Throttled) -> float:
+        """When the throttled `claim` may be claimed again (see `retry.throttled_delay`)."""
+        pause_left = self.wait(time.monotonic())
+        return throttled_delay(self._pause_seconds(error), pause_left, claim.throttled)
+
+    async def throttle_back(
+        self, claim: Claim, error: Throttled, delay: float, deadline: float
+    ) -> Outcome:
+        """Back to `pending` after `delay`, spending no attempt; `failed` past the patience."""
         return await effects.throttle_back(
             self.pool,
             claim,
@@ -144,7 +141,7 @@ class ProviderLimits:
             gave_up_error=self.gave_up_error(error),
             patience_seconds=self.settings.throttle_patience_seconds,
             delay_seconds=delay,
-            pause_seconds=pause,
+            pause_seconds=self._pause_seconds(error) or 0.0,
             deadline=deadline,
         )
 
@@ -154,7 +151,7 @@ class ProviderLimits:
         if patience >= 120 and patience % 60 == 0:
             span = f"{patience / 60:g} minutes"
         else:
-            span = f"{patience:g} seconds"
+            span = f"{patience:g} second" + ("" if patience == 1 else "s")
         refusal = REFUSALS.get(error.kind, "throttled")
         return f"The LLM provider kept refusing ({refusal}) for {span}; giving up."
 

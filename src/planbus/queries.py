@@ -1,16 +1,16 @@
 """Every statement the worker sends at run time, in the order a request meets them.
 
-Table definitions live only in the alembic revisions. Each write to a claimed request is fenced
-by its `claim_token`: a worker whose claim was recovered by the sweep and handed to another
-worker matches no row, so it writes nothing.
+Table definitions live only in the alembic revisions, and so does the event payload: every
+`plan_request_events` notification goes through `public.planbus_request_event()` (revision
+0003), which sends the contract's four fields on EVENTS_CHANNEL. Each write to a claimed
+request is fenced by its `claim_token`: a worker whose claim was recovered by the sweep and
+handed to another worker matches no row, so it writes nothing.
 """
 
 from typing import LiteralString
 
 LISTEN_CHANNEL: LiteralString = "plan_requests"
 EVENTS_CHANNEL: LiteralString = "plan_request_events"
-# Also the provider's pause, announced by whichever worker was throttled (see THROTTLE_BACK).
-LISTEN: LiteralString = "LISTEN plan_requests; LISTEN planbus_provider_limits"
 
 # Claim up to %(limit)s due requests in one statement, and load their leads with them.
 # ARRAY(...) evaluates the locking subquery exactly once; IN (subquery) may not.
@@ -113,8 +113,7 @@ WITH input AS (
            draft_text
       FROM steps
 )
-SELECT id, pg_notify('plan_request_events', json_build_object(
-           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', 'completed')::text)
+SELECT id, public.planbus_request_event(id, lead_id, telegram_id, 'completed')
   FROM done
 """
 
@@ -137,8 +136,8 @@ WITH given AS (
      WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
  RETURNING id, lead_id, telegram_id, status
 )
-SELECT status, CASE WHEN status = 'failed' THEN pg_notify('plan_request_events', json_build_object(
-           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text) END
+SELECT status, CASE WHEN status = 'failed'
+                   THEN public.planbus_request_event(id, lead_id, telegram_id, status) END
   FROM given
 """
 
@@ -178,9 +177,17 @@ WITH expired AS (
  RETURNING r.id, r.lead_id, r.telegram_id, r.status, r.attempts
 )
 SELECT id, lead_id, status, attempts,
-       CASE WHEN status = 'failed' THEN pg_notify('plan_request_events', json_build_object(
-           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text) END
+       CASE WHEN status = 'failed'
+            THEN public.planbus_request_event(id, lead_id, telegram_id, status) END
   FROM recovered
+"""
+
+# Start-up checks: the schema revision, and that this role may send the events it must send.
+SCHEMA_REVISION: LiteralString = "SELECT version_num FROM alembic_version"
+
+EVENT_RIGHTS: LiteralString = """
+SELECT has_function_privilege(
+    'public.planbus_request_event(bigint, bigint, bigint, text)', 'EXECUTE')
 """
 
 # Start-up check: the schema this worker needs is in place.
@@ -234,9 +241,8 @@ WITH claim AS (
      WHERE %(pause_seconds)s::float8 > 0
  RETURNING paused_until
 )
-SELECT status,
-       CASE WHEN status = 'failed' THEN pg_notify('plan_request_events', json_build_object(
-           'id', id, 'lead_id', lead_id, 'telegram_id', telegram_id, 'status', status)::text) END,
+SELECT status, CASE WHEN status = 'failed'
+                   THEN public.planbus_request_event(id, lead_id, telegram_id, status) END,
        (SELECT pg_notify('planbus_provider_limits',
                          extract(epoch FROM p.paused_until - now())::float8::text)
           FROM pause AS p)
@@ -285,8 +291,8 @@ SELECT (SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8
 
 STATUS_TOKENS_LAST_HOUR: LiteralString = """
 SELECT coalesce(result ->> 'model', 'unknown') AS model, count(*) AS plans,
-       sum((result -> 'usage' ->> 'prompt_tokens')::bigint) AS prompt_tokens,
-       sum((result -> 'usage' ->> 'completion_tokens')::bigint) AS completion_tokens
+       sum((result -> 'usage' ->> 'prompt_tokens')::bigint)::bigint AS prompt_tokens,
+       sum((result -> 'usage' ->> 'completion_tokens')::bigint)::bigint AS completion_tokens
   FROM plan_requests
  WHERE status = 'completed' AND finished_at > now() - interval '1 hour'
  GROUP BY 1
@@ -402,3 +408,6 @@ INSERT INTO lead_registry (telegram_id, prospect_name, prospect_title, prospect_
 VALUES (%(telegram_id)s, %(name)s, %(title)s, %(company)s, %(analysis)s, %(strategy)s)
 RETURNING id
 """
+
+# /healthz: the database answers at all.
+HEALTH_CHECK: LiteralString = "SELECT 1"

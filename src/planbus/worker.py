@@ -1,4 +1,7 @@
-"""The worker: claim loop, request processing, heartbeat and fallback sweep.
+"""The worker: the claim loop, processing a claimed request, and the drain on stop.
+
+The lease (heartbeat, sweep, hand-back) lives in `leases`, the final writes in `effects`, the
+retry rules in `retry`; `runtime.open_worker` builds a Worker.
 
 A notification is only a wake-up call: the claim loop wakes on NOTIFY, on a freed slot, on the
 sweep, on the next retry becoming due, or on stop, and then claims with SKIP LOCKED. A lost
@@ -20,21 +23,19 @@ from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
 from planbus.accounting import ledger
-from planbus.backoff import backoff_delay
 from planbus.db import ListenerState, connect_for_claims, listen_forever
-from planbus.effects import Claim, Outcome
-from planbus.errors import PermanentError, PlanningError, Throttled, TransientError
+from planbus.effects import Outcome
+from planbus.errors import PermanentError, PlanningError, Throttled, TransientError, one_line
+from planbus.leases import Claim, Leases
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
+from planbus.outcomes import report_outcome
 from planbus.planner import Planner
 from planbus.provider_limits import ProviderLimits
+from planbus.retry import Backoff, RetryDecision, decide
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-WORKER_LOST = "The worker processing this request stopped responding before it finished."
-# The outcome of an attempt as logs and metrics name it; `pending` means a retry is scheduled.
-OUTCOME_LABELS = {"completed": "completed", "pending": "retry", "failed": "failed", "lost": "lost"}
 
 
 class Wakeup:
@@ -73,10 +74,11 @@ class Worker:
         self.listener = ListenerState()
         self.metrics = WorkerMetrics(self.listener, lambda: len(self.inflight))
         self.inflight: dict[int, Claim] = {}
-        self.limits = ProviderLimits(settings, pool)
-        self.limits.register(self.metrics.registry)
         # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
+        self.leases = Leases(settings, pool, self.inflight, self.metrics)
+        self.limits = ProviderLimits(settings, pool)
+        self.limits.register(self.metrics.registry)
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
@@ -103,8 +105,9 @@ class Worker:
                 background.cancel_scope.cancel()
                 return
             await background.start(self.completions.run)
-            background.start_soon(self._heartbeat_loop)
-            background.start_soon(self._sweep_loop)
+            background.start_soon(self.leases.heartbeat_loop)
+            # The sweep also catches pending rows that no notification announced.
+            background.start_soon(self.leases.sweep_loop, self._on_notify)
             log.info(
                 "listening on channel %s (worker %s, planner %s, concurrency %d)",
                 queries.LISTEN_CHANNEL,
@@ -119,23 +122,22 @@ class Worker:
                 finally:
                     await self._drop_claims_connection()
                 await self._drain(requests)
-            await self._hand_back_unfinished()
+            await self.leases.hand_back()
             background.cancel_scope.cancel()
 
     # -- claiming --------------------------------------------------------------------------
 
     async def _claim_loop(self, requests: TaskGroup) -> None:
-        failures = 0
+        backoff = Backoff(base=0.05, cap=2.0)
         while not self._stopping:
             free = self.limits.allowed(len(self.inflight), time.monotonic())
             if free > 0 and self._due():
                 try:
                     claims = await self._claim(free)
-                    failures = 0
+                    backoff.succeeded()
                 except psycopg.Error as exc:
-                    failures += 1
-                    delay = backoff_delay(failures, base=0.05, cap=2.0)
-                    log.warning("claim failed (%s); retrying in %.2fs", _one_line(exc), delay)
+                    delay = backoff.failed(time.monotonic())
+                    log.warning("claim failed (%s); retrying in %.2fs", one_line(exc), delay)
                     self._maybe_more = True
                     await anyio.sleep(delay)
                     continue
@@ -169,17 +171,9 @@ class Worker:
             await self._drop_claims_connection()
             self._renew_claims_conn = False
             conn = self._claims_conn = await connect_for_claims(self.pool)
-        if self._read_pause:
-            self._read_pause = False
-            await self.limits.catch_up(conn)
-            if self.limits.allowed(len(self.inflight), time.monotonic()) <= 0:
-                self._maybe_more = True
-                return []
-        granted = await self.limits.reserve(conn, limit)
-        if granted < limit:
-            self._maybe_more = True  # the ceiling, not the queue, held the claim back
-            if not granted:
-                return []
+        granted = await self._grant(conn, limit)
+        if not granted:
+            return []
         cursor = conn.cursor(row_factory=dict_row)
         await cursor.execute(
             queries.CLAIM,
@@ -211,6 +205,19 @@ class Worker:
             self.metrics.claimed(claim.attempt, claim.waited_seconds)
         return claims
 
+    async def _grant(self, conn: psycopg.AsyncConnection[Any], wanted: int) -> int:
+        """How many calls the provider's limits allow now (all `wanted` when none applies)."""
+        if self._read_pause:  # a peer's pause may have been announced while LISTEN was down
+            self._read_pause = False
+            await self.limits.catch_up(conn)
+            if self.limits.allowed(len(self.inflight), time.monotonic()) <= 0:
+                self._maybe_more = True
+                return 0
+        granted = await self.limits.reserve(conn, wanted)
+        if granted < wanted:
+            self._maybe_more = True  # the ceiling, not the queue, held the claim back
+        return granted
+
     async def _drop_claims_connection(self) -> None:
         conn, self._claims_conn = self._claims_conn, None
         if conn is not None:
@@ -231,7 +238,7 @@ class Worker:
             with anyio.move_on_after(self.settings.lease_seconds):
                 await self.pool.check()
             self._renew_claims_conn = True
-        self._read_pause = True  # a peer's pause may have been announced while we were away
+        self._read_pause = True
         self._on_notify()
 
     # -- processing ------------------------------------------------------------------------
@@ -245,8 +252,7 @@ class Worker:
                 if claim.lead is None:
                     missing = f"Lead {claim.lead_id} does not exist."
                     raise PermanentError(missing, kind="lead_missing")
-                with ledger(getattr(self.planner, "model", self.planner.name)) as cost:
-                    claim.cost = cost
+                with ledger(getattr(self.planner, "model", self.planner.name)) as claim.cost:
                     plan = await self.planner.plan(claim.lead)
             except PlanningError as exc:
                 error = exc
@@ -258,11 +264,12 @@ class Worker:
             self._release(claim)
             self.metrics.finished("lost", time.monotonic() - claim.started, error)
             return
+        retry = None if error is None else self._decide(claim, error)
         claim.writing = True
         with anyio.CancelScope(shield=True):
-            outcome = await self._finish(claim, plan, error)
+            outcome = await self._finish(claim, plan, error, retry)
         self._release(claim)
-        self._log_outcome(claim, outcome, error)
+        report_outcome(claim, outcome, error, retry, self.metrics)
 
     def _release(self, claim: Claim) -> None:
         self.inflight.pop(claim.id, None)
@@ -271,115 +278,40 @@ class Worker:
         if self._stopping and not self.inflight:
             self._idle.set()
 
-    async def _finish(self, claim: Claim, plan: Any, error: PlanningError | None) -> Outcome:
-        deadline = time.monotonic() + self.settings.lease_seconds
+    def _decide(self, claim: Claim, error: PlanningError) -> RetryDecision:
+        if isinstance(error, Throttled):  # flow control: patience, not attempts, ends it
+            return RetryDecision(final=False, delay=self.limits.return_delay(claim, error))
+        return decide(
+            error,
+            claim.spent_attempts,
+            max_attempts=self.settings.max_attempts,
+            base=self.settings.retry_base_seconds,
+            cap=self.settings.retry_max_seconds,
+        )
+
+    async def _finish(
+        self, claim: Claim, plan: Any, error: PlanningError | None, retry: RetryDecision | None
+    ) -> Outcome:
+        deadline = self.leases.write_deadline()
         try:
-            if error is None:
+            if error is None or retry is None:
                 return await self.completions.complete(claim, plan, deadline)
             if isinstance(error, Throttled):
-                return await self.limits.throttle_back(claim, error, deadline)
-            spent = claim.attempt - claim.throttled  # throttled claims spend no attempt
-            final = isinstance(error, PermanentError) or spent >= self.settings.max_attempts
-            delay = backoff_delay(
-                spent,
-                base=self.settings.retry_base_seconds,
-                cap=self.settings.retry_max_seconds,
-            )
-            if isinstance(error, TransientError) and error.retry_after is not None:
-                delay = max(delay, min(error.retry_after, self.settings.retry_max_seconds))
-            claim.retry_delay = delay
+                return await self.limits.throttle_back(claim, error, retry.delay, deadline)
             return await effects.give_back(
                 self.pool,
                 claim,
                 error=error.message,
-                final=final,
-                delay_seconds=delay,
+                final=retry.final,
+                delay_seconds=retry.delay,
                 deadline=deadline,
             )
         except psycopg.Error as exc:
             # The claim stays `processing`; its lease lapses and the sweep hands it on.
-            log.error("request %d: could not record its outcome (%s)", claim.id, _one_line(exc))
+            log.error("request %d: could not record its outcome (%s)", claim.id, one_line(exc))
             return "lost"
 
-    def _log_outcome(self, claim: Claim, outcome: Outcome, error: PlanningError | None) -> None:
-        elapsed_ms = (time.monotonic() - claim.started) * 1000
-        label = OUTCOME_LABELS[outcome]
-        self.metrics.finished(label, elapsed_ms / 1000, error)
-        fields = request_fields(claim.id, claim.lead_id, claim.attempt, label, elapsed_ms)
-        if error is not None:
-            fields["error"] = error.message
-        where = f"request {claim.id} lead {claim.lead_id} attempt {claim.attempt}"
-        if outcome == "completed":
-            log.info("%s completed in %.0f ms", where, elapsed_ms, extra=fields)
-        elif outcome == "pending":
-            log.warning(
-                "%s failed, retrying in %.1fs: %s",
-                where,
-                claim.retry_delay,
-                error.message if error else "",
-                extra=fields,
-            )
-        elif outcome == "failed":
-            level = logging.ERROR if isinstance(error, PermanentError) else logging.WARNING
-            log.log(
-                level, "%s failed for good: %s", where, error.message if error else "", extra=fields
-            )
-        else:
-            log.warning("%s: claim was taken over; wrote nothing", where, extra=fields)
-
-    # -- heartbeat, sweep, shutdown --------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await anyio.sleep(self.settings.heartbeat_seconds)
-            held = [c for c in self.inflight.values() if not c.writing]
-            if not held:
-                continue
-            try:
-                async with self.pool.connection() as conn:
-                    cursor = await conn.execute(
-                        queries.HEARTBEAT,
-                        {
-                            "ids": [c.id for c in held],
-                            "tokens": [c.token for c in held],
-                            "lease_seconds": self.settings.lease_seconds,
-                        },
-                    )
-                    still_held = {row[0] for row in await cursor.fetchall()}
-            except psycopg.Error as exc:
-                log.warning("heartbeat failed (%s); will retry", _one_line(exc))
-                continue
-            for claim in held:
-                if claim.id not in still_held and not claim.writing:
-                    log.warning(
-                        "request %d: claim lost (lease expired and was taken over)", claim.id
-                    )
-                    claim.lost = True
-                    claim.scope.cancel()
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            try:
-                async with self.pool.connection() as conn:
-                    cursor = await conn.execute(
-                        queries.RECOVER_EXPIRED,
-                        {"max_attempts": self.settings.max_attempts, "lost_error": WORKER_LOST},
-                    )
-                    for request_id, lead_id, status, attempts, _ in await cursor.fetchall():
-                        log.warning(
-                            "request %d recovered from an expired claim after attempt %d: now %s",
-                            request_id,
-                            attempts,
-                            status,
-                            extra=request_fields(
-                                request_id, lead_id, attempts, f"recovered_{status}"
-                            ),
-                        )
-                        self.metrics.recovered(status)
-            except psycopg.Error as exc:
-                log.warning("sweep failed (%s); will retry", _one_line(exc))
-            self._on_notify()  # also catches pending rows that no notification announced
-            await anyio.sleep(self.settings.sweep_seconds)
+    # -- shutdown ------------------------------------------------------------------------
 
     async def _drain(self, requests: TaskGroup) -> None:
         grace = self.settings.shutdown_grace_seconds
@@ -390,34 +322,3 @@ class Worker:
             with anyio.move_on_after(grace):
                 await self._idle.wait()
         requests.cancel_scope.cancel()
-
-    async def _hand_back_unfinished(self) -> None:
-        unfinished = list(self.inflight.values())
-        if not unfinished:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                ids = await effects.hand_back(self.pool, unfinished)
-            except psycopg.OperationalError as exc:
-                log.error(
-                    "could not hand back %d requests (%s); the sweep will recover them",
-                    len(unfinished),
-                    _one_line(exc),
-                )
-                return
-        handed = set(ids)
-        for claim in unfinished:
-            if claim.id in handed:
-                log.info(
-                    "request %d lead %d attempt %d handed back as pending",
-                    claim.id,
-                    claim.lead_id,
-                    claim.attempt,
-                    extra=request_fields(claim.id, claim.lead_id, claim.attempt, "handed_back"),
-                )
-        log.info("handed back %d unfinished requests as pending: %s", len(ids), ids)
-        self.inflight.clear()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
