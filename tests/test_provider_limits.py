@@ -6,7 +6,8 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,7 +22,8 @@ from planbus.provider_errors import (
     throttle_wait_seconds,
 )
 from tests.helpers import Database, eventually, running_worker
-from tests.llm_server import FakeLLM, Reply
+from tests.llm_server import FakeLLM, Limits, Reply
+from tests.processes import Fleet
 
 API_KEY = "sk-planbus-test-limits-0a1b2c3d"
 NOW = dt.datetime(2025, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -279,3 +281,136 @@ async def test_status_shows_the_pause_the_throttled_requests_and_the_last_hours_
     assert re.search(
         r"tokens in the last hour: cost-model: \d+ prompt \+ \d+ completion in 1 plans", out
     )
+
+
+# -- real worker processes against a provider's limits -----------------------------------------
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Print a scenario's figures past pytest's capture."""
+
+    def emit(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n[provider limits] {line}", flush=True)
+
+    return emit
+
+
+async def burst(database: Database, count: int) -> list[int]:
+    """`count` requests for new leads, inserted at once (one statement), as an import does."""
+    await database.conn.execute(
+        "INSERT INTO lead_registry (telegram_id, prospect_name) "
+        "SELECT 42, 'Limited Lead ' || n FROM generate_series(1, %s) AS n",
+        (count,),
+    )
+    rows = await database.fetchall(
+        "INSERT INTO plan_requests (lead_id, telegram_id) "
+        "SELECT id, telegram_id FROM lead_registry ORDER BY id RETURNING id"
+    )
+    return [row["id"] for row in rows]
+
+
+async def drain(
+    database: Database,
+    server: FakeLLM,
+    tmp_path: Path,
+    count: int,
+    *flags: str,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """Start the workers, insert `count` requests at once, wait until all are finished."""
+    async with Fleet(database.url, tmp_path, server.base_url) as fleet:
+        for _ in range(workers):
+            await fleet.start(*flags, env=env)
+        started = time.monotonic()
+        rows = await database.wait_all(await burst(database, count), within=60)
+        return rows, time.monotonic() - started
+
+
+def outcome(rows: list[dict[str, Any]], server: FakeLLM, seconds: float) -> str:
+    refused = server.stats()["refused"]
+    failed = sum(row["status"] == "failed" for row in rows)
+    return (
+        f"{len(rows)} requests in {seconds:.1f}s, {failed} failed, {refused} refused calls "
+        f"({refused / len(rows):.2f} per request)"
+    )
+
+
+# Three workers at 16 calls each: the first round (48 calls against a bucket of 20) is refused
+# before any worker has heard "slow down", and 160 requests are too few to dilute it.
+@pytest.mark.parametrize(("workers", "concurrency"), [(1, 32), (3, 16)])
+async def test_a_burst_at_a_providers_rate_limit_completes_every_request(
+    database: Database,
+    tmp_path: Path,
+    report: Callable[[str], None],
+    workers: int,
+    concurrency: int,
+) -> None:
+    limits = Limits(requests_per_second=20, burst=20)
+    flags = ("--concurrency", str(concurrency))
+    with FakeLLM(default=Reply(delay=0.1), limits=limits) as server:
+        rows, seconds = await drain(database, server, tmp_path, 160, *flags, workers=workers)
+    report(f"20/s, {workers} worker(s): {outcome(rows, server, seconds)}")
+
+    assert [row["status"] for row in rows] == ["completed"] * len(rows)
+    assert server.stats()["refused"] < 0.5 * len(rows)
+    assert all(row["attempts"] - row["throttled_claims"] == 1 for row in rows)
+
+
+async def test_a_server_with_four_slots_completes_every_request(
+    database: Database, tmp_path: Path, report: Callable[[str], None]
+) -> None:
+    with FakeLLM(default=Reply(delay=0.2), limits=Limits(slots=4)) as server:
+        rows, seconds = await drain(database, server, tmp_path, 60)
+    report(f"4 slots: {outcome(rows, server, seconds)}")
+
+    assert [row["status"] for row in rows] == ["completed"] * len(rows)
+    assert server.stats()["refused"] < 1.0 * len(rows)
+    assert server.stats()["max_in_flight"] <= 4
+
+
+async def test_with_the_ceiling_at_the_accounts_limit_no_call_is_refused(
+    database: Database, tmp_path: Path, report: Callable[[str], None]
+) -> None:
+    limits = Limits(requests_per_second=20, burst=20)
+    ceiling = {"PLANBUS_LLM_REQUESTS_PER_MINUTE": "1200"}
+    with FakeLLM(default=Reply(delay=0.1), limits=limits) as server:
+        rows, seconds = await drain(database, server, tmp_path, 100, workers=2, env=ceiling)
+    report(f"ceiling 1200/min at 20/s, 2 workers: {outcome(rows, server, seconds)}")
+
+    assert [row["status"] for row in rows] == ["completed"] * len(rows)
+    assert server.stats()["refused"] == 0
+
+
+async def test_an_exhausted_quota_fails_the_request_at_once_in_a_worker_process(
+    database: Database, tmp_path: Path
+) -> None:
+    with FakeLLM(limits=Limits(quota_calls=0)) as server:
+        async with Fleet(database.url, tmp_path, server.base_url) as fleet:
+            worker = await fleet.start()
+            (request_id,) = await burst(database, 1)
+            request = await database.wait_for(request_id)
+            await worker.wait_for_log(re.compile(f"ERROR.*{re.escape(QUOTA_EXHAUSTED)}"))
+
+    assert request["status"] == "failed"
+    assert request["attempts"] == 1
+    assert request["result"] == {"error": QUOTA_EXHAUSTED}
+
+
+async def test_a_provider_that_throttles_past_the_patience_fails_with_a_sentence(
+    database: Database, tmp_path: Path
+) -> None:
+    # One call per 1,000 s: the first request takes it, the second is refused until it gives up.
+    limits = Limits(requests_per_second=0.001, burst=1)
+    patience = {"PLANBUS_THROTTLE_PATIENCE_SECONDS": "2"}
+    with FakeLLM(limits=limits) as server:
+        rows, _ = await drain(database, server, tmp_path, 2, env=patience)
+
+    assert sorted(row["status"] for row in rows) == ["completed", "failed"]
+    (failed,) = [row for row in rows if row["status"] == "failed"]
+    assert failed["result"] == {
+        "error": "The LLM provider kept refusing (rate limited) for 2 seconds; giving up."
+    }
+    assert failed["throttled_claims"] == failed["attempts"] >= 2
