@@ -48,6 +48,7 @@ def main() -> int:
     args = parser.parse_args()
     selected = [name.strip() for name in args.only.split(",") if name.strip() in FIGURES]
     root = Path(tempfile.mkdtemp(prefix="planbus-compare-"))
+    root.chmod(0o755)  # under root the server's system user must enter it (mkdtemp: 0700)
     (root / "logs").mkdir()
     pg = Postgres(root)
     llm: LLMServer | None = None

@@ -198,6 +198,7 @@ def run(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     sizes = QUICK if quick else FULL
     root = Path(tempfile.mkdtemp(prefix="planbus-bench-"))
+    root.chmod(0o755)  # under root the server's system user must enter it (mkdtemp: 0700)
     logs = root / "logs"
     logs.mkdir()
     pg = Postgres(root)

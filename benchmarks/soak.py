@@ -519,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     random.seed(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="planbus-soak-"))
+    folder.chmod(0o755)  # under root the server's system user must enter it (mkdtemp: 0700)
     log_dir = args.log_dir or folder / "logs"
     server = EmbeddedPostgres(
         # fsync off survives a server crash (only an OS crash loses data); synchronous_commit

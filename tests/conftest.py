@@ -8,6 +8,7 @@ PLANBUS_TEST_DATABASE_URL. The schema is migrated once into a template database;
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -70,13 +71,32 @@ class TestServer:
         self.embedded.restart()
 
 
+def reachable_folder(prefix: str) -> Path:
+    """A new folder the embedded server's system user (under root) may enter.
+
+    mkdtemp makes it 0700, as pytest's tmp_path is: planbus never opens a folder up itself, so
+    the tests open up the one they made.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def data_root() -> Iterator[Path]:
+    """A folder of this test's own for embedded data folders."""
+    folder = reachable_folder("planbus-data-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[TestServer]:
     given = os.environ.get("PLANBUS_TEST_DATABASE_URL")
     if given:
         yield TestServer(given, None)
         return
-    folder = Path(tempfile.mkdtemp(prefix="planbus-test-"))
+    folder = reachable_folder("planbus-test-")
     # Durability is not under test; speed is welcome.
     server = EmbeddedPostgres(
         folder / "pgdata",

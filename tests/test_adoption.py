@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,7 +16,6 @@ from tests.helpers import Database, acting_as, running_worker
 
 pytestmark = pytest.mark.anyio
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 LEGACY_TABLES = ("lead_registry", "scheduled_reminders", "plan_requests")
 
 # The older deployment, as the contract describes it: an integer lead id, the reminders'
@@ -377,25 +372,3 @@ async def test_on_an_empty_database_downgrade_removes_everything_and_upgrade_wor
     async with running_worker(connect.url):
         row = await connect.wait_for(await connect.insert_request(lead, telegram_id=9))
     assert row["status"] == "completed"
-
-
-async def test_alembic_upgrade_head_runs_from_the_repository_root(connect: Database) -> None:
-    alembic = Path(sys.executable).with_name("alembic")
-    command = [str(alembic)] if alembic.exists() else [sys.executable, "-m", "alembic"]
-    env = {**os.environ, "PLANBUS_DATABASE_URL": connect.url}
-    env.pop("DATABASE_URL", None)
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*command, *args], cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=60
-        )
-
-    upgraded = await anyio.to_thread.run_sync(run, "upgrade", "head")
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert await connect.value("SELECT version_num FROM alembic_version") == migrate.head_revision()
-    assert await connect.value(
-        "SELECT relrowsecurity FROM pg_class WHERE relname = 'plan_requests'"
-    )
-    downgraded = await anyio.to_thread.run_sync(run, "downgrade", "base")
-    assert downgraded.returncode == 0, downgraded.stderr
-    assert await connect.value("SELECT to_regclass('plan_requests')") is None

@@ -321,8 +321,8 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert no_command.returncode == 2 and "usage:" in no_command.stderr
 
 
-def test_demo_runs_on_a_fresh_embedded_database(tmp_path: Path) -> None:
-    data = tmp_path / "postgres"
+def test_demo_runs_on_a_fresh_embedded_database(data_root: Path) -> None:
+    data = data_root / "postgres"
     done = planbus("demo", env={"PLANBUS_DATA_DIR": str(data)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("linkedin_connect") == 3

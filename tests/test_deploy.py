@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -49,3 +50,20 @@ async def test_work_connections_use_the_work_url_and_listen_stays_on_the_databas
     assert ("planbus", role) in by_name
     assert ("planbus-claim", role) in by_name
     assert ("planbus", "postgres") not in by_name
+
+
+def test_the_template_unit_gives_every_instance_its_own_valid_metrics_port() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    template = text.split("/etc/systemd/system/planbus@.service", 1)[1]
+    exec_start = re.search(r"^ExecStart=(.*)$", template, re.M)
+    enable = re.search(r"systemctl enable --now (planbus@\S+) (planbus@\S+)", template)
+    assert exec_start is not None and enable is not None
+    first, second = (int(unit.split("@", 1)[1]) for unit in enable.groups())
+    # The documented naming, carried on to a tenth and a twentieth worker.
+    instances = [first + n * (second - first) for n in range(20)]
+    ports = [
+        int(exec_start.group(1).replace("%i", str(i)).split("--metrics-port ", 1)[1].split()[0])
+        for i in instances
+    ]
+    assert all(0 < port <= 65535 for port in ports), ports
+    assert len(set(ports)) == len(ports)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import anyio
 import psycopg
 import pytest
-from psycopg import errors
+from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from planbus import db, migrate
@@ -19,6 +19,13 @@ pytestmark = pytest.mark.anyio
 
 SEND = "SELECT public.planbus_request_event(1, 2, 3, 'completed')"
 ROLE = "planbus_test_events"
+WORKER_GRANTS = [
+    ("plan_requests", "SELECT, UPDATE"),
+    ("lead_registry", "SELECT, UPDATE"),
+    ("scheduled_reminders", "SELECT, INSERT, UPDATE"),
+    ("alembic_version", "SELECT"),
+    ("planbus_provider_limits", "SELECT, UPDATE"),
+]
 
 
 @pytest.fixture
@@ -26,11 +33,18 @@ def plain_role(database_url: str) -> Iterator[str]:
     """A LOGIN role with BYPASSRLS and table grants, but no grant on the event function."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
-            f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN BYPASSRLS; "
-            "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            sql.SQL(
+                "DO $$ BEGIN CREATE ROLE {} LOGIN BYPASSRLS; "
+                "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            ).format(sql.Identifier(ROLE))
         )
-        conn.execute(f"GRANT SELECT, UPDATE ON plan_requests TO {ROLE}")
-        conn.execute(f"GRANT SELECT ON alembic_version TO {ROLE}")
+        # What a dedicated worker role is granted (docs/security.md), less the event function.
+        for table, rights in WORKER_GRANTS:
+            conn.execute(
+                sql.SQL("GRANT {} ON {} TO {}").format(
+                    sql.SQL(rights), sql.Identifier(table), sql.Identifier(ROLE)
+                )
+            )
     yield make_conninfo(database_url, user=ROLE)
 
 

@@ -157,9 +157,9 @@ def test_sigterm_stops_cleanly_and_claims_nothing_new(
 
 
 def test_embedded_default_starts_migrates_and_reuses_its_data(
-    tmp_path: Path, listener_factory: list[Listener]
+    data_root: Path, listener_factory: list[Listener]
 ) -> None:
-    env = listen_env(PLANBUS_DATA_DIR=str(tmp_path / "pg"))
+    env = listen_env(PLANBUS_DATA_DIR=str(data_root / "pg"))
     first = Listener(env)
     listener_factory.append(first)
     dsn_line = first.wait_for_line("psql '")
@@ -185,7 +185,7 @@ def test_embedded_default_starts_migrates_and_reuses_its_data(
             time.sleep(0.05)
         assert status == "completed"
     assert first.stop() == 0
-    assert any(str(tmp_path / "pg") in line for line in first.lines)
+    assert any(str(data_root / "pg") in line for line in first.lines)
 
     second = Listener(env)
     listener_factory.append(second)
@@ -197,11 +197,23 @@ def test_embedded_default_starts_migrates_and_reuses_its_data(
 
 
 def test_sigterm_during_start_up_exits_cleanly(
-    tmp_path: Path, listener_factory: list[Listener]
+    data_root: Path, listener_factory: list[Listener]
 ) -> None:
-    listener = Listener(listen_env(PLANBUS_DATA_DIR=str(tmp_path / "pg")))
+    listener = Listener(listen_env(PLANBUS_DATA_DIR=str(data_root / "pg")))
     listener_factory.append(listener)
     listener.wait_for_line("initialising a new PostgreSQL data folder")
     assert listener.stop() == 0
     assert any("stopped during start-up" in line for line in listener.lines)
     assert not any(READY in line for line in listener.lines)
+
+
+def test_sighup_stops_as_gracefully_as_sigterm(
+    database_url: str, listener_factory: list[Listener]
+) -> None:
+    listener = Listener(listen_env(PLANBUS_DATABASE_URL=database_url))
+    listener_factory.append(listener)
+    listener.wait_for_line(READY)
+    listener.process.send_signal(signal.SIGHUP)  # the terminal was closed
+    assert listener.process.wait(30) == 0
+    listener.wait_for_line("received SIGHUP: claiming nothing new")
+    listener.wait_for_line("stopped")

@@ -21,12 +21,13 @@ pytestmark = pytest.mark.anyio
 
 ALICE, BOB = 1001, 2002
 
-# What a dedicated worker role needs besides BYPASSRLS (or owning the tables); the README's
-# "Security model" section shows the same statements.
+# What a dedicated worker role needs besides BYPASSRLS (or owning the tables); docs/security.md's
+# "The worker's role" section shows the same statements.
 WORKER_GRANTS = """
 GRANT SELECT, UPDATE ON plan_requests, lead_registry TO {role};
 GRANT SELECT, INSERT, UPDATE ON scheduled_reminders TO {role};
 GRANT SELECT ON alembic_version TO {role};
+GRANT SELECT, UPDATE ON planbus_provider_limits TO {role};
 GRANT EXECUTE ON FUNCTION public.planbus_request_event(bigint, bigint, bigint, text) TO {role};
 """
 
@@ -348,7 +349,7 @@ async def test_operator_and_service_role_inserts_are_not_held_to_the_tma_rules(
 
 @pytest.fixture
 def worker_role_url(pg_server: TestServer, database_url: str) -> Iterator[str]:
-    """A non-owner LOGIN role with BYPASSRLS and the README's worker grants."""
+    """A non-owner LOGIN role with BYPASSRLS and the worker grants of docs/security.md."""
     role = "planbus_test_worker"
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(

@@ -9,7 +9,8 @@
   every worker of the database honours it, and the token bucket of the optional ceiling
   `PLANBUS_LLM_REQUESTS_PER_MINUTE` (`budget` calls left as of `budget_at`).
 
-The table is the worker's bookkeeping: closed to PUBLIC and to the API roles.
+The table is the worker's: PUBLIC and the API roles hold nothing on it and row-level security is
+on; a dedicated worker role needs `SELECT, UPDATE` on it (docs/security.md).
 
 Revision ID: 0005_provider_limits
 Revises: 0004_managed_privileges
@@ -17,13 +18,11 @@ Revises: 0004_managed_privileges
 
 from __future__ import annotations
 
-from sqlalchemy import text
-
 from alembic import op
 from planbus.adoption import (
+    close_to_api_roles,
     ensure_columns,
     forget,
-    quote,
     record,
     remove_added_columns_and_constraints,
 )
@@ -34,7 +33,6 @@ branch_labels = None
 depends_on = None
 
 TABLE = "planbus_provider_limits"
-API_ROLES = ("anon", "authenticated", "service_role")
 
 PLAN_REQUEST_COLUMNS = {
     "throttled_claims": "integer NOT NULL DEFAULT 0",
@@ -49,7 +47,6 @@ CREATE TABLE {TABLE} (
     budget_at    timestamptz
 );
 INSERT INTO {TABLE} DEFAULT VALUES;
-ALTER TABLE {TABLE} ENABLE ROW LEVEL SECURITY;
 """
 
 
@@ -57,20 +54,10 @@ def upgrade() -> None:
     ensure_columns("plan_requests", PLAN_REQUEST_COLUMNS, revision)
     op.execute(CREATE_TABLE)
     record("table", TABLE, TABLE, revision)
-    _close_to_api_roles()
+    close_to_api_roles(TABLE, revision)
 
 
 def downgrade() -> None:
     op.execute(f"DROP TABLE IF EXISTS {TABLE}")
     remove_added_columns_and_constraints(revision)
     forget(revision)
-
-
-def _close_to_api_roles() -> None:
-    """No API role may read or write the worker's bookkeeping, whatever the default privileges."""
-    present = op.get_bind().execute(
-        text("SELECT rolname FROM pg_roles WHERE rolname = ANY (:roles) ORDER BY rolname"),
-        {"roles": list(API_ROLES)},
-    )
-    who = ", ".join(["PUBLIC", *(quote(str(row[0])) for row in present)])
-    op.execute(f"REVOKE ALL ON TABLE {TABLE} FROM {who}")

@@ -3,7 +3,12 @@
 planbus may meet tables it did not create. Every table, column, constraint, default, privilege
 or row-security switch a revision adds to (or takes from) the database is recorded in
 `planbus_schema_origin`, so `alembic downgrade` undoes exactly what planbus did and never drops
-a table or column that was there before.
+a table or column that was there before. Names read back from it are always quoted.
+
+A revision that creates a table calls `close_to_api_roles(table, revision)` when the Mini App's
+API roles may not reach it (managed platforms grant them every new table), and
+`close_bookkeeping(relation, revision)` for a `planbus_*` table; its downgrade calls
+`restore_privileges(revision)` and `disable_added_row_security(revision)`.
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ CREATE TABLE IF NOT EXISTS planbus_schema_origin (
 
 def table_exists(table: str) -> bool:
     """True when `public.<table>` exists."""
+    # Looked up by name, not parsed: a name read from planbus_schema_origin may be anything.
     found = op.get_bind().execute(
-        text("SELECT to_regclass(:name) IS NOT NULL"), {"name": f"public.{table}"}
+        text(
+            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = :name "
+            "AND relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p'))"
+        ),
+        {"name": table},
     )
     return bool(found.scalar())
 
@@ -97,7 +107,7 @@ def ensure_columns(table: str, columns: dict[str, str], revision: str) -> None:
     """Add each missing column (name -> type and default) and record it."""
     for column, definition in columns.items():
         if not column_exists(table, column):
-            op.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {definition}')
+            op.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(column)} {definition}")
             record("column", table, column, revision)
 
 
@@ -107,12 +117,12 @@ def add_constraint(table: str, name: str, definition: str, revision: str) -> Non
     An adopted table may hold rows that break it (an unknown status, a request whose lead is
     gone). They are kept, and the constraint stays NOT VALID until an operator fixes them.
     """
-    op.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition} NOT VALID')
+    op.execute(f"ALTER TABLE {quote(table)} ADD CONSTRAINT {quote(name)} {definition} NOT VALID")
     record("constraint", table, name, revision)
     bind = op.get_bind()
     try:
         with bind.begin_nested():
-            bind.execute(text(f'ALTER TABLE {table} VALIDATE CONSTRAINT "{name}"'))
+            bind.execute(text(f"ALTER TABLE {quote(table)} VALIDATE CONSTRAINT {quote(name)}"))
     except exc.IntegrityError:
         log.warning(
             "%s has rows that break %s; they are kept and the constraint holds for new and "
@@ -148,10 +158,10 @@ def remove_added_columns_and_constraints(revision: str) -> None:
     """Undo what a revision added to tables that existed before planbus."""
     for table, constraint in added("constraint", revision):
         if table_exists(table):
-            op.execute(f'ALTER TABLE {table} DROP CONSTRAINT IF EXISTS "{constraint}"')
+            op.execute(f"ALTER TABLE {quote(table)} DROP CONSTRAINT IF EXISTS {quote(constraint)}")
     for table, column in added("column", revision):
         if table_exists(table):
-            op.execute(f'ALTER TABLE {table} DROP COLUMN IF EXISTS "{column}"')
+            op.execute(f"ALTER TABLE {quote(table)} DROP COLUMN IF EXISTS {quote(column)}")
 
 
 def set_default(table: str, column: str, expression: str, revision: str) -> None:
@@ -165,7 +175,9 @@ def set_default(table: str, column: str, expression: str, revision: str) -> None
     )
     has_default = found.scalar()
     if has_default is False:
-        op.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" SET DEFAULT {expression}')
+        op.execute(
+            f"ALTER TABLE {quote(table)} ALTER COLUMN {quote(column)} SET DEFAULT {expression}"
+        )
         record("default", table, column, revision)
 
 
@@ -173,7 +185,7 @@ def remove_added_defaults(revision: str) -> None:
     """Drop the defaults a revision gave to columns that had none."""
     for table, column in added("default", revision):
         if column_exists(table, column):
-            op.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" DROP DEFAULT')
+            op.execute(f"ALTER TABLE {quote(table)} ALTER COLUMN {quote(column)} DROP DEFAULT")
 
 
 def enable_row_security(table: str, revision: str) -> None:
@@ -183,7 +195,7 @@ def enable_row_security(table: str, revision: str) -> None:
         {"table": f"public.{table}"},
     )
     if not found.scalar():
-        op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+        op.execute(f"ALTER TABLE {quote(table)} ENABLE ROW LEVEL SECURITY")
         record("row_security", table, "enabled", revision)
 
 
@@ -191,7 +203,7 @@ def disable_added_row_security(revision: str) -> None:
     """Turn row-level security off again where planbus turned it on."""
     for table, _ in added("row_security", revision):
         if table_exists(table):
-            op.execute(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY")
+            op.execute(f"ALTER TABLE {quote(table)} DISABLE ROW LEVEL SECURITY")
 
 
 # A privilege as (grantee, privilege, column); the column is "" for the whole table or sequence
@@ -267,3 +279,108 @@ def _privilege_statement(
 def quote(identifier: str) -> str:
     """An identifier quoted for SQL, as `quote_ident` would."""
     return '"' + identifier.replace('"', '""') + '"'
+
+
+# -- closing tables to the API roles ----------------------------------------------------------
+
+# The roles PostgREST (Supabase, InsForge) switches to per request. Managed platforms grant them
+# every new table, sequence and function in `public` by default.
+API_ROLES = ("anon", "authenticated", "service_role")
+
+
+def existing_roles(roles: tuple[str, ...]) -> tuple[str, ...]:
+    """The ones of `roles` that exist on this server, in the given order."""
+    found = op.get_bind().execute(
+        text("SELECT rolname FROM pg_roles WHERE rolname = ANY (:roles)"), {"roles": list(roles)}
+    )
+    present = {str(row[0]) for row in found}
+    return tuple(role for role in roles if role in present)
+
+
+def close_to_api_roles(table: str, revision: str, *, keep: tuple[str, ...] = ()) -> None:
+    """Revoke everything PUBLIC and the API roles (but `keep`) hold on a table planbus created
+    and on its id sequences, and turn row-level security on; recorded for the downgrade."""
+    grantees = ("PUBLIC", *(role for role in existing_roles(API_ROLES) if role not in keep))
+    _revoke_recorded(f"public.{table}", grantees, revision)
+    for sequence in owned_sequences(table):
+        _revoke_recorded(sequence, grantees, revision)
+    enable_row_security(table, revision)
+
+
+def close_bookkeeping(relation: str, revision: str) -> None:
+    """Close one of planbus's bookkeeping tables (`alembic_version`, `planbus_*`) to every role
+    but its owner, so nobody else can rewrite what a downgrade reads: PUBLIC and the API roles
+    lose everything, any other role all but SELECT (a worker's role reads alembic_version)."""
+    api = ("PUBLIC", *existing_roles(API_ROLES))
+    _revoke_recorded(relation, api, revision)
+    others = tuple(role for role in _grantees_other_than_owner(relation) if role not in api)
+    _revoke_recorded(relation, others, revision, keep_select=True)
+
+
+def bookkeeping_tables() -> list[str]:
+    """`alembic_version` and every `planbus_*` table in `public`, as `schema.name`."""
+    found = op.get_bind().execute(
+        text(
+            "SELECT format('%I.%I', 'public', relname) FROM pg_class "
+            "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p') "
+            "AND relname LIKE 'planbus\\_%' ORDER BY relname"
+        )
+    )
+    return [qualified_name("alembic_version"), *(str(row[0]) for row in found)]
+
+
+def owned_sequences(table: str) -> list[str]:
+    """The sequences behind `public.<table>`'s serial and identity columns, as `schema.name`."""
+    found = op.get_bind().execute(
+        text(
+            "SELECT format('%I.%I', n.nspname, s.relname) FROM pg_depend AS d "
+            "JOIN pg_class AS s ON s.oid = d.objid AND s.relkind = 'S' "
+            "JOIN pg_namespace AS n ON n.oid = s.relnamespace "
+            "WHERE d.classid = 'pg_class'::regclass AND d.refobjid = to_regclass(:table) "
+            "AND d.deptype IN ('a', 'i') ORDER BY 1"
+        ),
+        {"table": f"public.{table}"},
+    )
+    return [str(row[0]) for row in found]
+
+
+def _grantees_other_than_owner(relation: str) -> tuple[str, ...]:
+    found = op.get_bind().execute(
+        text(
+            "SELECT DISTINCT coalesce(r.rolname, 'PUBLIC') FROM pg_class AS c "
+            "CROSS JOIN LATERAL aclexplode(c.relacl) AS a "
+            "LEFT JOIN pg_roles AS r ON r.oid = a.grantee "
+            "WHERE c.oid = to_regclass(:relation) AND a.grantee <> c.relowner ORDER BY 1"
+        ),
+        {"relation": relation},
+    )
+    return tuple(str(row[0]) for row in found)
+
+
+def _revoke_recorded(
+    relation: str, grantees: tuple[str, ...], revision: str, *, keep_select: bool = False
+) -> None:
+    # A table's REVOKE takes its column privileges with it.
+    before = privileges(relation, grantees)
+    target = _relation(relation)
+    if keep_select:
+        for grantee, privilege in sorted({(g, p) for g, p, _ in before if p != "SELECT"}):
+            who = grantee if grantee == "PUBLIC" else quote(grantee)
+            op.execute(f"REVOKE {privilege} ON {target} FROM {who}")
+    elif grantees:
+        who = ", ".join(role if role == "PUBLIC" else quote(role) for role in grantees)
+        op.execute(f"REVOKE ALL ON {target} FROM {who}")
+    record_privilege_changes(relation, before, privileges(relation, grantees), revision)
+
+
+def _relation(relation: str) -> str:
+    """`TABLE name` or `SEQUENCE name`, the name as PostgreSQL prints it (quoted where needed)."""
+    found = op.get_bind().execute(
+        text(
+            "SELECT c.oid::regclass::text, c.relkind FROM pg_class AS c "
+            "WHERE c.oid = to_regclass(:relation)"
+        ),
+        {"relation": relation},
+    )
+    name, relkind = found.one()
+    return f"{'SEQUENCE' if relkind == 'S' else 'TABLE'} {name}"

@@ -20,10 +20,10 @@ from typing import Any
 import anyio
 from psycopg import errors
 
-from planbus import client, console, demo, logs, provider_limits, queries
+from planbus import client, console, demo, embedded_command, logs, provider_limits, queries
 from planbus.client import connection, fetchall
 from planbus.errors import ConfigurationError
-from planbus.settings import Settings, load_settings
+from planbus.settings import OneLineParser, Settings, load_settings
 
 log = logging.getLogger("planbus.cli")
 
@@ -164,9 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="PostgreSQL to use (default: PLANBUS_DATABASE_URL, DATABASE_URL, else the embedded "
         "server in PLANBUS_DATA_DIR)",
     )
-    common.add_argument("--log-format", choices=["text", "json"], default="text")
-    common.add_argument("--log-level", default="WARNING")
-    parser = argparse.ArgumentParser(
+    logs.add_flags(common, default_level="WARNING")
+    parser: argparse.ArgumentParser = OneLineParser(
         prog="python -m planbus",
         description="Operate planbus: see the queue, retry failures, request and watch plans.",
         epilog="Exit codes: 0 done; 1 a request failed, an id was not retried or a lead does "
@@ -229,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
     demo.set_defaults(handler=demo_command)
+    embedded_command.add_command(commands)
     return parser
 
 

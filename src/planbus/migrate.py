@@ -10,6 +10,10 @@ from alembic.script import ScriptDirectory
 from alembic import command
 from planbus.errors import ConfigurationError
 
+# The session advisory lock alembic/env.py holds while it migrates a database ("planbus" in
+# ASCII), so two `alembic upgrade head` at once run one after the other.
+MIGRATION_LOCK = 0x706C616E627573
+
 
 def script_location() -> Path:
     """The migrations: inside the package in a wheel, at the repository root in a checkout."""

@@ -25,7 +25,7 @@ log = logging.getLogger("planbus.listen")
 
 async def database_url(settings: Settings, stack: AsyncExitStack) -> str:
     """The configured database URL; with none, the embedded server in `settings.data_dir`,
-    started if needed (and stopped when `stack` closes, if this call started it)."""
+    started if needed and left when `stack` closes (its last user stops it)."""
     if settings.database_url is not None:
         return settings.database_url
     return await anyio.to_thread.run_sync(start_embedded, settings, stack)
