@@ -367,7 +367,9 @@ async def test_a_server_with_four_slots_completes_every_request(
     report(f"4 slots: {outcome(rows, server, seconds)}")
 
     assert [row["status"] for row in rows] == ["completed"] * len(rows)
-    assert server.stats()["refused"] < 1.0 * len(rows)
+    # A 503 names no wait: the first rounds are refused until the limit comes down to the slots
+    # (32, 24, 18, ... calls against 4), which 60 requests do not dilute.
+    assert server.stats()["refused"] < 2.0 * len(rows)
     assert server.stats()["max_in_flight"] <= 4
 
 

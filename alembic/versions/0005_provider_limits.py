@@ -18,8 +18,11 @@ Revises: 0004_managed_privileges
 
 from __future__ import annotations
 
+from sqlalchemy import text
+
 from alembic import op
 from planbus.adoption import (
+    API_ROLES,
     close_to_api_roles,
     ensure_columns,
     forget,
@@ -50,11 +53,24 @@ INSERT INTO {TABLE} DEFAULT VALUES;
 """
 
 
+# Roles that may already update plan_requests besides its owner (as 0003 finds them for the event
+# function): a dedicated worker role set up before this revision keeps working without a grant.
+WRITERS = """
+SELECT DISTINCT a.grantee::regrole::text
+  FROM pg_class AS c, aclexplode(c.relacl) AS a
+ WHERE c.oid = 'public.plan_requests'::regclass
+   AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
+"""
+
+
 def upgrade() -> None:
     ensure_columns("plan_requests", PLAN_REQUEST_COLUMNS, revision)
     op.execute(CREATE_TABLE)
     record("table", TABLE, TABLE, revision)
     close_to_api_roles(TABLE, revision)
+    for role in op.get_bind().execute(text(WRITERS)).scalars():
+        if role.strip('"') not in API_ROLES:
+            op.execute(f"GRANT SELECT, UPDATE ON {TABLE} TO {role}")
 
 
 def downgrade() -> None:
