@@ -101,3 +101,17 @@ def test_a_refusal_while_paced_widens_the_spacing() -> None:
     pace.throttled(started=0.0, retry_after=0.05, now=0.0)
     pace.throttled(started=1.0, retry_after=0.01, now=1.0)
     assert pace.spacing == pytest.approx(0.05 * 4 / 3)
+
+
+def test_a_burst_of_refusals_brings_the_limit_down_to_the_calls_that_got_through() -> None:
+    pace = Pace(ceiling=32)
+    # 32 calls in flight against 4 slots: 28 are refused at once, 4 are being answered.
+    for refused in range(28):
+        pace.throttled(started=0.0, retry_after=None, now=0.01, inflight=32 - refused)
+    assert pace.current_limit == 4
+
+
+def test_a_refusal_with_nothing_else_in_flight_leaves_one_call() -> None:
+    pace = Pace(ceiling=32)
+    pace.throttled(started=0.0, retry_after=None, now=1.0, inflight=1)
+    assert pace.current_limit == 1

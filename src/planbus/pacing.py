@@ -44,6 +44,8 @@ class Pace:
     paused_seconds: float = 0.0  # total time paused, for /metrics
     throttled_calls: int = 0
     _last_cut: float = -math.inf
+    _burst_inflight: int = 0  # calls in flight when the current burst of refusals began
+    _burst_refused: int = 0  # refusals of that burst so far
     _next_start: float = -math.inf
     _successes: int = field(default=0)
 
@@ -86,19 +88,35 @@ class Pace:
             self._successes = 0
             self.limit = min(float(self.ceiling), self.limit + 1)
 
-    def throttled(self, started: float, retry_after: float | None, now: float) -> None:
-        """A call started at `started` was refused now ("slow down"): pause, and maybe cut."""
+    def throttled(
+        self, started: float, retry_after: float | None, now: float, inflight: int = 0
+    ) -> None:
+        """A call started at `started` was refused now ("slow down"): pause, and maybe cut.
+
+        `inflight` counts this call. The calls of a burst that were not refused are what the
+        provider took: the limit never stays above that count, so 32 calls against 4 slots
+        bring it to 4 in one round trip, not after seven cuts.
+        """
         self.throttled_calls += 1
         if retry_after:
             self.pause_until(now + retry_after, now)
-        if started < self._last_cut:
-            return  # refused for the rate before the last cut: already counted
+        if started < self._last_cut:  # refused for the pace before the last cut: no new cut
+            self._burst_refused += 1
+            self._cap_to_accepted()
+            return
         self._last_cut = now
         self._successes = 0
+        self._burst_inflight, self._burst_refused = inflight, 1
         self.limit = max(1.0, self.limit * DECREASE)
+        self._cap_to_accepted()
         self.spacing = max(retry_after or 0.0, self.spacing * SPACING_WIDEN)
         if self.spacing < MIN_SPACING:
             self.spacing = 0.0
+
+    def _cap_to_accepted(self) -> None:
+        if self._burst_inflight:
+            accepted = self._burst_inflight - self._burst_refused
+            self.limit = max(1.0, min(self.limit, float(accepted)))
 
     def pause_until(self, until: float, now: float) -> None:
         """No new call before `until` (a provider's wait, this worker's or a peer's)."""

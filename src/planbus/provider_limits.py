@@ -112,7 +112,8 @@ class ProviderLimits:
             self._count_tokens(claim.cost)
         if isinstance(error, Throttled):
             was_paused = self.pace.paused(now)
-            self.pace.throttled(claim.call_started, self._pause_seconds(error), now)
+            pause = self._pause_seconds(error)
+            self.pace.throttled(claim.call_started, pause, now, inflight)
             if not was_paused and self.pace.paused(now):
                 log.warning(
                     "LLM provider throttled request %d (%s): pausing new calls for %.2fs, "
