@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,7 @@ from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
 
+PEER_PAUSE_JITTER = 1.5  # a peer's pause lasts 1 to 1.5 times what the provider said
 CEILING_MARGIN = 0.97
 BURST_MARGIN = 0.9
 
@@ -173,8 +175,11 @@ class ProviderLimits:
             log.warning("ignored a provider pause notification with payload %r", payload[:40])
             return
         if math.isfinite(seconds) and seconds > 0:
+            # Each worker ends the shared pause at a moment of its own: resuming together, they
+            # would spend the provider's one new token three times over.
+            seconds = min(seconds, self.settings.throttle_patience_seconds)
             now = time.monotonic()
-            self.pace.pause_until(now + min(seconds, self.settings.throttle_patience_seconds), now)
+            self.pace.pause_until(now + seconds * random.uniform(1.0, PEER_PAUSE_JITTER), now)
 
     async def catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Read the database's pause (after LISTEN (re)connects, when notices may be missed)."""
