@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 from prometheus_client import generate_latest
+from psycopg import errors
 
 from planbus import cli
 from planbus.provider_errors import (
@@ -24,6 +25,7 @@ from planbus.provider_errors import (
 from tests.helpers import Database, eventually, running_worker
 from tests.llm_server import FakeLLM, Limits, Reply
 from tests.processes import Fleet
+from tests.test_security import ALICE, tma_insert
 
 API_KEY = "sk-planbus-test-limits-0a1b2c3d"
 NOW = dt.datetime(2025, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -418,3 +420,19 @@ async def test_a_provider_that_throttles_past_the_patience_fails_with_a_sentence
         "error": "The LLM provider kept refusing (rate limited) for 2 seconds; giving up."
     }
     assert failed["throttled_claims"] == failed["attempts"] >= 2
+
+
+@pytest.mark.parametrize(
+    "column", [{"throttled_claims": 5}, {"throttled_since": "2020-01-01T00:00:00Z"}]
+)
+async def test_the_mini_app_may_not_set_the_throttling_columns_even_with_a_widened_grant(
+    database: Database, column: dict[str, Any]
+) -> None:
+    lead = await database.insert_lead(telegram_id=ALICE)
+    with pytest.raises(errors.InsufficientPrivilege, match="permission denied for table"):
+        await tma_insert(database.url, ALICE, lead, **column)
+    await database.conn.execute("GRANT ALL ON plan_requests TO authenticated")
+    with pytest.raises(errors.InsufficientPrivilege, match="throttled_since may not be set"):
+        await tma_insert(database.url, ALICE, lead, **column)
+    assert await database.value("SELECT count(*) FROM plan_requests") == 0
+    await tma_insert(database.url, ALICE, lead)  # the Mini App's own insert still works

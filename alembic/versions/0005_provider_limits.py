@@ -53,6 +53,37 @@ INSERT INTO {TABLE} DEFAULT VALUES;
 """
 
 
+TMA_ROLE = "authenticated"
+
+# The column-level grant of 0002 already refuses the new columns to the Mini App; this holds the
+# rule where an operator widened the grant (GRANT ALL ... TO authenticated), as 0002's trigger
+# does for its columns. It fires before 0002's planbus_plan_requests_tma_rights (name order).
+REFUSE_CLIENT_THROTTLING = f"""
+CREATE FUNCTION public.planbus_refuse_tma_throttling() RETURNS trigger
+LANGUAGE plpgsql SET search_path = '' AS $$
+BEGIN
+    IF (NEW.throttled_claims IS DISTINCT FROM 0 OR NEW.throttled_since IS NOT NULL)
+       AND (current_user = '{TMA_ROLE}'
+            OR public.planbus_jwt_claim('role') IS NOT DISTINCT FROM '{TMA_ROLE}') THEN
+        RAISE EXCEPTION 'plan_requests: throttled_claims, throttled_since may not be set by the '
+                        'client; insert only lead_id, telegram_id and status'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION public.planbus_refuse_tma_throttling() FROM PUBLIC;
+
+CREATE TRIGGER planbus_plan_requests_tma_provider
+    BEFORE INSERT ON plan_requests
+    FOR EACH ROW EXECUTE FUNCTION public.planbus_refuse_tma_throttling();
+"""
+
+DROP_REFUSE_CLIENT_THROTTLING = """
+DROP TRIGGER IF EXISTS planbus_plan_requests_tma_provider ON plan_requests;
+DROP FUNCTION IF EXISTS public.planbus_refuse_tma_throttling();
+"""
+
 # Roles that may already update plan_requests besides its owner (as 0003 finds them for the event
 # function): a dedicated worker role set up before this revision keeps working without a grant.
 WRITERS = """
@@ -65,6 +96,7 @@ SELECT DISTINCT a.grantee::regrole::text
 
 def upgrade() -> None:
     ensure_columns("plan_requests", PLAN_REQUEST_COLUMNS, revision)
+    op.execute(REFUSE_CLIENT_THROTTLING)
     op.execute(CREATE_TABLE)
     record("table", TABLE, TABLE, revision)
     close_to_api_roles(TABLE, revision)
@@ -75,5 +107,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    op.execute(DROP_REFUSE_CLIENT_THROTTLING)
     remove_added_columns_and_constraints(revision)
     forget(revision)
