@@ -137,9 +137,16 @@ class LLMServer:
         self.port = int(found.group(1))
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
-    def configure(self, delay: float = 0.0, first_delay: float | None = None) -> None:
-        """Set the answer delays and clear the record of calls."""
-        self._request("/bench/config", {"delay": delay, "first_delay": first_delay})
+    def configure(
+        self, delay: float = 0.0, first_delay: float | None = None, stream_rate: float | None = None
+    ) -> None:
+        """Set the answer delays (and streaming pace) and clear the record of calls."""
+        config = {"delay": delay, "first_delay": first_delay, "stream_rate": stream_rate}
+        self._request("/bench/config", config)
+
+    def step_times(self) -> dict[int, list[float]]:
+        """Lead key -> when each streamed step was sent, then when the answer ended."""
+        return {int(key): times for key, times in self._request("/bench/steps")["steps"].items()}
 
     def calls(self) -> list[tuple[float, int | None]]:
         """(arrival time, lead key) of every call since the last `configure`."""
@@ -405,6 +412,7 @@ STATEMENT_KINDS = {
     "complete": "WITH input AS",
     "give back": "WITH given AS",
     "heartbeat": "SET lease_expires_at = now()",
+    "progress": "SET progress = $",
 }
 
 

@@ -9,9 +9,16 @@ Each call is recorded as `(arrival time, lead key)`: the arrival is `time.time()
 request has been read; the lead key is the number in "Bench Prospect <key>", the prospect name
 that the benchmark gives every lead, which the planner puts in its user message.
 
+With `stream_rate` set, a call that asks for `"stream": true` gets an eight-step plan as
+server-sent events, one 4-character token at a time at that many tokens per second, and the
+server records when each step's text was fully sent and when the answer ended (the "time to
+first step" workload compares those with when the Mini App could read each step).
+
 Control (JSON over the same port):
-    POST /bench/config  {"delay": s, "first_delay": s | null}   also clears the record
+    POST /bench/config  {"delay": s, "first_delay": s | null, "stream_rate": tokens/s | null}
+                        also clears the record
     GET  /bench/calls   {"calls": [[arrived, key], ...]}
+    GET  /bench/steps   {"steps": {key: [step 1 sent, ..., step N sent, answer ended]}}
 """
 
 from __future__ import annotations
@@ -28,6 +35,29 @@ from planbus.planner import template_steps
 
 MARKER = re.compile(rb"Bench Prospect (\d+)")
 PROSPECT_NAME = "Bench Prospect {key}"
+STREAM_ASKED = re.compile(rb'"stream":\s*true')
+TOKEN_CHARACTERS = 4  # about one token of English or JSON
+
+
+def streamed_steps() -> list[dict[str, Any]]:
+    """Eight valid steps: the template's six, then two more follow-ups."""
+    steps = template_steps(Lead(id=LeadId(0), telegram_id=0))
+    for delay in (15, 21):
+        steps.append(
+            {
+                **steps[-2],
+                "step_id": len(steps) + 1,
+                "timing": f"Day {delay}",
+                "delay_days": delay,
+            }
+        )
+    return steps
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    """One server-sent event as one HTTP chunk."""
+    event = b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
 
 
 def _completion() -> bytes:
@@ -67,6 +97,14 @@ class BenchLLM:
         self.calls: list[tuple[float, int | None]] = []
         self.seen: set[int | None] = set()
         self.answer = _http(_completion())
+        self.stream_rate: float | None = None
+        self.step_times: dict[int | None, list[float]] = {}
+        self.stream_content = json.dumps({"steps": streamed_steps()})
+        # Where each step's closing brace is in the streamed text (`}, {"step_id": n + 1`).
+        self.step_ends = [
+            self.stream_content.index(f'"step_id": {step_id + 1}') - 4
+            for step_id in range(1, len(streamed_steps()))
+        ] + [len(self.stream_content) - 3]
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -91,11 +129,37 @@ class BenchLLM:
                     delay = self.first_delay
                 if delay:
                     await asyncio.sleep(delay)
+                if self.stream_rate and STREAM_ASKED.search(body):
+                    await self._stream(writer, key, self.stream_rate)
+                    continue
                 writer.write(self.answer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
+
+    async def _stream(self, writer: asyncio.StreamWriter, key: int | None, rate: float) -> None:
+        """The plan as Chat Completions chunks, `rate` tokens per second, step times recorded."""
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        times = self.step_times[key] = []
+        content = self.stream_content
+        started = time.monotonic()
+        for number, start in enumerate(range(0, len(content), TOKEN_CHARACTERS), start=1):
+            # Paced against the start, so sleep overshoots do not add up.
+            await asyncio.sleep(max(0.0, started + number / rate - time.monotonic()))
+            piece = content[start : start + TOKEN_CHARACTERS]
+            writer.write(_sse({"choices": [{"index": 0, "delta": {"content": piece}}]}))
+            await writer.drain()
+            now = time.time()
+            times.extend(now for end in self.step_ends[len(times) :] if end < start + len(piece))
+        writer.write(_sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+        writer.write(_sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}))
+        writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+        times.append(time.time())
 
     def _control(self, path: bytes, body: bytes) -> bytes:
         if path == b"/bench/config":
@@ -103,11 +167,16 @@ class BenchLLM:
             self.delay = float(config.get("delay", 0.0))
             first = config.get("first_delay")
             self.first_delay = None if first is None else float(first)
+            rate = config.get("stream_rate")
+            self.stream_rate = None if rate is None else float(rate)
             self.calls = []
             self.seen = set()
+            self.step_times = {}
             return _http(b"{}")
         if path == b"/bench/calls":
             return _http(json.dumps({"calls": self.calls}).encode())
+        if path == b"/bench/steps":
+            return _http(json.dumps({"steps": self.step_times}).encode())
         return _http(b'{"error": "unknown"}', "404 Not Found")
 
 

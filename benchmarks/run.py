@@ -23,6 +23,7 @@ from typing import Any
 
 from benchmarks import workloads
 from benchmarks.chart import w1_chart
+from benchmarks.first_step import time_to_first_step
 from benchmarks.harness import BenchError, LLMServer, Postgres, clean_directory, machine
 from benchmarks.workloads import FULL, QUICK, Bench
 
@@ -41,6 +42,7 @@ WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "w4": lambda b: workloads.slow_model(b, fan_out=True),
     "idle": workloads.idle,
     "recovery": workloads.recovery,
+    "first_step": time_to_first_step,
 }
 
 
@@ -112,6 +114,31 @@ ROWS = [
     Row("W4 total / ideal", "x", ("w4", "ratio_to_ideal"), None, "<=", 1.15),
     Row("W4 worker peak RSS", "MB", ("w4", "peak_rss_mb"), None, "<=", 200),
     Row("W4 most DB connections open", "", ("w4", "max_connections_open"), None, "<=", 10),
+    Row(
+        "Each step: model wrote it → Mini App reads it, max",
+        "s",
+        ("first_step", "step_visible_after_written_s", "max"),
+        None,
+        "<=",
+        0.3,
+    ),
+    Row(
+        "Last step: answer end → Mini App reads the plan, max",
+        "s",
+        ("first_step", "last_step_visible_after_answer_end_s", "max"),
+        None,
+        "<=",
+        0.3,
+    ),
+    Row("Insert → first step readable, p50", "s", ("first_step", "insert_to_first_step_s", "p50")),
+    Row(
+        "Progress writes per request (8 steps)",
+        "",
+        ("first_step", "progress_writes_per_request"),
+        None,
+        "<=",
+        9,
+    ),
     Row("Idle CPU per minute", "s", ("idle", "cpu_seconds_per_minute"), None, "<=", 0.2),
     Row("Idle statements per minute", "", ("idle", "statements_per_minute")),
     Row(

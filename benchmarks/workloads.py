@@ -51,6 +51,9 @@ class Sizes:
     # Recovery runs with the worker's defaults; quick mode shortens lease and sweep.
     recovery_flags: tuple[str, ...] = ()
     recovery_hold: float = 20.0  # the live worker's model call: longer than two leases
+    # Time to first step (benchmarks/first_step.py): plans streamed at this many tokens/s.
+    first_step_requests: int = 4
+    first_step_rate: float = 50.0
 
 
 FULL = Sizes()
@@ -69,6 +72,8 @@ QUICK = Sizes(
     idle_seconds=3.0,
     recovery_flags=("--lease-seconds", "1.5", "--sweep-seconds", "0.5"),
     recovery_hold=4.0,
+    first_step_requests=2,
+    first_step_rate=200.0,
 )
 
 

@@ -300,7 +300,11 @@ class FakeLLM:
         self, call: Call, reply: Reply, headers: dict[str, str], writer: asyncio.StreamWriter
     ) -> bool:
         content = "" if reply.no_content else _content(reply)
-        parts = pieces(content, reply.chunk_chars)
+        # Without a pace the model has written everything at once: one piece, as a fast
+        # provider sends a short answer (hundreds of events per call would make the server,
+        # not the worker, what a burst of requests measures).
+        paced = reply.tokens_per_second or reply.cut_after is not None
+        parts = pieces(content, reply.chunk_chars) if paced else [content]
         ends = step_ends(content)
         options = call.body.get("stream_options") or {}
         maker = ChunkMaker(str(call.body.get("model", "fake")), bool(options.get("include_usage")))

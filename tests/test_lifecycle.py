@@ -23,7 +23,7 @@ class GatedPlanner(TemplatePlanner):
         self.release = anyio.Event()
         self.calls = 0
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         self.calls += 1
         await self.release.wait()
         return await super().plan(lead)

@@ -94,7 +94,7 @@ class ScriptedPlanner(TemplatePlanner):
     def __init__(self) -> None:
         self.calls: dict[str | None, int] = {}
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         calls = self.calls[lead.prospect_name] = self.calls.get(lead.prospect_name, 0) + 1
         if lead.prospect_name == "flaky" and calls == 1:
             raise TransientError("The model took too long to answer.")

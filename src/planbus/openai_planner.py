@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx2
 import openai
 from openai import AsyncOpenAI
 
@@ -28,6 +29,15 @@ from planbus.plan import (
     validate_plan,
 )
 from planbus.provider_errors import ProviderErrors, server_detail
+from planbus.streaming import (
+    AnswerTooLarge,
+    NoContentDeltas,
+    ProgressCallback,
+    StepCollector,
+    StreamBroken,
+    read_body,
+    read_stream,
+)
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -60,6 +70,18 @@ LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = tuple(
 )
 
 JSON_MODE: ResponseFormat = {"type": "json_object"}
+
+# The answer's size is bounded twice. The model may write at most MAX_TOKENS tokens (a ten-step
+# plan is about 1,500), and planbus reads at most MAX_ANSWER_BYTES of the HTTP body: a streamed
+# answer spends ~200 bytes of event framing per token, so 4,000 tokens stay under 1 MB, and a
+# server that ignores `max_tokens` cannot fill the worker's memory.
+MAX_TOKENS = 4_000
+MAX_ANSWER_BYTES = 2_000_000
+# Ask for the answer as server-sent events, usage in the last one; a server that answers with
+# plain JSON instead (as the tests' and benchmarks' instant servers do) is read as before.
+STREAM: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+# With this header the SDK hands back the HTTP response before reading its body.
+RAW_BODY: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 
 
 class OpenAIPlanner:
@@ -101,10 +123,11 @@ class OpenAIPlanner:
             "json_schema": {"name": "engagement_plan", "strict": True, "schema": schema},
         }
         self._json_schema_supported = True
+        self._streaming_supported = True
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
         try:
-            content = await self._ask(lead)
+            content = await self._ask(lead, on_progress)
         except (openai.OpenAIError, TimeoutError) as exc:
             raise self._errors.classify(exc) from None
         return parse_plan(content)
@@ -112,31 +135,89 @@ class OpenAIPlanner:
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def _ask(self, lead: Lead) -> str:
+    async def _ask(self, lead: Lead, on_progress: ProgressCallback | None) -> str:
         user = user_message(lead)
         if self._json_schema_supported:
             try:
-                return await self._complete(self._system_prompt, user, self._schema_format)
+                return await self._complete(
+                    self._system_prompt, user, self._schema_format, on_progress
+                )
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 if not _rejects_json_schema(exc):
                     raise
                 self._fall_back_to_json_mode(exc)
-        return await self._complete(self._json_mode_prompt, user, JSON_MODE)
+        return await self._complete(self._json_mode_prompt, user, JSON_MODE, on_progress)
 
-    async def _complete(self, system: str, user: str, response_format: ResponseFormat) -> str:
+    async def _complete(
+        self,
+        system: str,
+        user: str,
+        response_format: ResponseFormat,
+        on_progress: ProgressCallback | None,
+    ) -> str:
         messages: list[ChatCompletionMessageParam] = [
             {"role": "system", "content": system},
             {"role": "user", "content": user},
         ]
-        body = {"model": self.model, "messages": messages, "response_format": response_format}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "response_format": response_format,
+            "max_tokens": MAX_TOKENS,
+        }
         # The SDK's timeout bounds each network wait; this bounds the whole call.
         with anyio.fail_after(self.timeout):
-            # The SDK's generic `post` keeps its auth, base URL, timeouts and typed errors, but
-            # skips the per-call transformation of the parameters and the construction of
-            # response models that `chat.completions.create` does: measured, 0.64 ms of CPU per
-            # call instead of 1.12 ms, which is what bounds a worker's calls per second.
-            answer = await self._client.post("/chat/completions", body=body, cast_to=str)
-        return _content(answer)
+            if self._streaming_supported:
+                try:
+                    return await self._call(body | STREAM, StepCollector(on_progress))
+                except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                    if not _rejects_streaming(exc):
+                        raise
+                    self._stop_streaming(
+                        f"HTTP {exc.status_code}: {server_detail(exc, self._secret) or '-'}"
+                    )
+                except NoContentDeltas:
+                    self._stop_streaming("its stream carried no content")
+            return await self._call(body, None)
+
+    async def _call(self, body: dict[str, Any], collector: StepCollector | None) -> str:
+        """One call; the answer's content, read as a stream when the server sends one."""
+        # The SDK's generic `post` keeps its auth, base URL, timeouts and typed errors, but
+        # skips the per-call transformation of the parameters and the construction of
+        # response models that `chat.completions.create` does: measured, 0.64 ms of CPU per
+        # call instead of 1.12 ms, which is what bounds a worker's calls per second.
+        response = await self._client.post(
+            "/chat/completions", body=body, cast_to=httpx2.Response, options=RAW_BODY
+        )
+        try:
+            if collector is not None and _is_event_stream(response):
+                streamed = await read_stream(response.aiter_bytes(), MAX_ANSWER_BYTES, collector)
+                note_answer({"model": streamed.model, "usage": streamed.usage})
+                return _checked_content(streamed.content, streamed.finish_reason)
+            return _content(await read_body(response.aiter_bytes(), MAX_ANSWER_BYTES))
+        except AnswerTooLarge as exc:
+            raise TransientError(f"{INVALID_OUTPUT}: {exc}.", kind="invalid_output") from None
+        except StreamBroken as exc:
+            raise TransientError(
+                f"The LLM server's answer broke off: {exc.reason}.", kind="connection"
+            ) from None
+        except httpx2.TimeoutException:
+            raise TimeoutError from None  # one wait of the read took too long: a timeout
+        except httpx2.TransportError:
+            raise TransientError(
+                "The LLM server's answer broke off before its end.", kind="connection"
+            ) from None
+        finally:
+            await response.aclose()
+
+    def _stop_streaming(self, reason: str) -> None:
+        if self._streaming_supported:
+            self._streaming_supported = False
+            log.warning(
+                "the LLM server cannot stream a structured answer (%s); asking for whole "
+                "answers from now on, so plans appear all at once",
+                reason,
+            )
 
     def _fall_back_to_json_mode(self, exc: openai.APIStatusError) -> None:
         if self._json_schema_supported:
@@ -192,7 +273,11 @@ def parse_plan(content: str) -> Plan:
         ) from None
 
 
-def _content(answer: str) -> str:
+def _is_event_stream(response: httpx2.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _content(answer: bytes) -> str:
     # OpenAI-compatible servers vary: read defensively, and call anything unusable invalid.
     try:
         completion = json.loads(answer)
@@ -204,6 +289,11 @@ def _content(answer: str) -> str:
         raise TransientError(
             f"{INVALID_OUTPUT}: the server's answer could not be read.", kind="invalid_output"
         ) from None
+    return _checked_content(content, reason)
+
+
+def _checked_content(content: Any, reason: Any) -> str:
+    """The answer's text, unless it was cut at the length limit or is missing."""
     if reason == "length":
         raise TransientError(
             f"{INVALID_OUTPUT}: the answer was cut off at the length limit.", kind="invalid_output"
@@ -218,5 +308,14 @@ def _content(answer: str) -> str:
 
 def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
     """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
-    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+    text = _error_text(exc)
     return "json_schema" in text or "response_format" in text
+
+
+def _rejects_streaming(exc: openai.APIStatusError) -> bool:
+    """Does this 400/422 (to a streamed call) say the server cannot stream this answer?"""
+    return "stream" in _error_text(exc)
+
+
+def _error_text(exc: openai.APIStatusError) -> str:
+    return f"{exc.message} {json.dumps(exc.body, default=str)}".lower()

@@ -82,6 +82,7 @@ WITH input AS (
            result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan),
                                        'throttled_calls', r.throttled_claims)
                     || coalesce(i.cost, '{}'),
+           progress = NULL,
            last_error = NULL,
            claim_token = NULL,
            lease_expires_at = NULL,
@@ -125,6 +126,7 @@ WITH given AS (
        SET status = %(status)s::text,
            result = CASE WHEN %(status)s::text = 'failed'
                          THEN jsonb_build_object('error', %(error)s::text) ELSE result END,
+           progress = NULL,
            last_error = %(error)s::text,
            throttled_since = NULL,
            run_after = now() + make_interval(secs => %(delay_seconds)s),
@@ -145,7 +147,7 @@ SELECT status, CASE WHEN status = 'failed'
 HAND_BACK: LiteralString = """
 UPDATE plan_requests AS r
    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL, worker_id = NULL,
-       run_after = now(), updated_at = now()
+       progress = NULL, run_after = now(), updated_at = now()
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held (id, claim_token)
  WHERE r.id = held.id AND r.claim_token = held.claim_token AND r.status = 'processing'
 RETURNING r.id
@@ -165,6 +167,7 @@ WITH expired AS (
        SET status = CASE WHEN expired.spent THEN 'failed' ELSE 'pending' END,
            result = CASE WHEN expired.spent
                          THEN jsonb_build_object('error', %(lost_error)s::text) ELSE r.result END,
+           progress = NULL,
            last_error = %(lost_error)s::text,
            claim_token = NULL,
            lease_expires_at = NULL,
@@ -188,6 +191,19 @@ SCHEMA_REVISION: LiteralString = "SELECT version_num FROM alembic_version"
 EVENT_RIGHTS: LiteralString = """
 SELECT has_function_privilege(
     'public.planbus_request_event(bigint, bigint, bigint, text)', 'EXECUTE')
+"""
+
+# -- progress --------------------------------------------------------------------------------
+
+# The steps a streamed plan has so far, for the Mini App to show while it waits. Fenced like
+# every write: a worker whose claim was taken over matches no row. Progress is a preview that
+# the next write replaces, so its commit does not wait for the WAL flush (this transaction
+# only): the row lock it takes is released at once and never holds up the completion.
+SHOW_PROGRESS: LiteralString = """
+UPDATE plan_requests
+   SET progress = %(progress)s::jsonb
+  FROM set_config('synchronous_commit', 'off', true) AS async_commit
+ WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
 """
 
 # Start-up check: the schema this worker needs is in place.

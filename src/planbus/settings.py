@@ -122,6 +122,15 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="ceiling on LLM calls per minute, shared by every worker of the database",
     )
+    # progress: while a plan streams, its finished steps are copied to `progress` at most this
+    # often per request, and not within this long of the model's first token.
+    progress_interval_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        le=60,
+        description="while a plan streams, the least time between two writes of a request's "
+        "progress (steps finished within it share a write)",
+    )
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
     )

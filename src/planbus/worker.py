@@ -31,6 +31,7 @@ from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
 from planbus.outcomes import report_outcome
 from planbus.planner import Planner
+from planbus.progress import ProgressWriter
 from planbus.provider_limits import ProviderLimits
 from planbus.retry import Backoff, RetryDecision, decide
 from planbus.settings import Settings
@@ -79,6 +80,7 @@ class Worker:
         self.leases = Leases(settings, pool, self.inflight, self.metrics)
         self.limits = ProviderLimits(settings, pool)
         self.limits.register(self.metrics.registry)
+        self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
@@ -105,6 +107,7 @@ class Worker:
                 background.cancel_scope.cancel()
                 return
             await background.start(self.completions.run)
+            await background.start(self.progress.run)
             background.start_soon(self.leases.heartbeat_loop)
             # The sweep also catches pending rows that no notification announced.
             background.start_soon(self.leases.sweep_loop, self._on_notify)
@@ -252,8 +255,11 @@ class Worker:
                 if claim.lead is None:
                     missing = f"Lead {claim.lead_id} does not exist."
                     raise PermanentError(missing, kind="lead_missing")
-                with ledger(getattr(self.planner, "model", self.planner.name)) as claim.cost:
-                    plan = await self.planner.plan(claim.lead)
+                with (
+                    ledger(getattr(self.planner, "model", self.planner.name)) as claim.cost,
+                    self.progress.follow(claim.id, claim.token) as on_progress,
+                ):
+                    plan = await self.planner.plan(claim.lead, on_progress)
             except PlanningError as exc:
                 error = exc
             except Exception as exc:  # a planner bug must not take the worker down
