@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from psycopg import errors
 
-from planbus import client, console, demo, embedded_command, logs, queries
+from planbus import client, console, demo, embedded_command, logs, provider_limits, queries
 from planbus.client import connection, fetchall
 from planbus.errors import ConfigurationError
 from planbus.settings import OneLineParser, Settings, load_settings
@@ -44,6 +44,7 @@ async def status_command(settings: Settings, args: argparse.Namespace) -> int:
         for row in await fetchall(conn, queries.STATUS_COUNTS):
             counts[row["status"]] = row["count"]
         oldest = await fetchall(conn, queries.STATUS_OLDEST_PENDING)
+        provider = await provider_limits.status_report(conn)
         report = {
             "counts": counts,
             "oldest_pending": oldest[0] if oldest else None,
@@ -51,11 +52,13 @@ async def status_command(settings: Settings, args: argparse.Namespace) -> int:
             "failed_last_hour": await fetchall(
                 conn, queries.STATUS_RECENT_FAILURES, {"limit": LIST_LIMIT}
             ),
+            "provider": provider,
         }
     if args.json:
         print(json.dumps(report, indent=2, default=console.json_value))
     else:
         print(console.format_status(report))
+        print("\n".join(provider_limits.status_lines(provider)))
     return EXIT_OK
 
 

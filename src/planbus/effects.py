@@ -52,6 +52,7 @@ def _payload(claim: Claim, plan: Plan) -> str:
                 "id": claim.id,
                 "claim_token": str(claim.token),
                 "plan": plan.as_json(),
+                "cost": claim.cost.as_result() if claim.cost else None,
                 "reminders": [
                     {"step_id": s.step_id, "delay_days": s.delay_days, "draft_text": s.draft_text}
                     for s in plan.steps
@@ -173,6 +174,32 @@ async def give_back(
     }
     written = await _fenced_write(pool, queries.GIVE_BACK, params, deadline)
     return status if written else "lost"
+
+
+async def throttle_back(
+    pool: AsyncConnectionPool,
+    claim: Claim,
+    *,
+    error: str,
+    gave_up_error: str,
+    patience_seconds: float,
+    delay_seconds: float,
+    pause_seconds: float,
+    deadline: float,
+) -> Outcome:
+    """Put a throttled request back without spending an attempt; `failed` past the patience."""
+    params = {
+        "id": claim.id,
+        "claim_token": claim.token,
+        "error": error,
+        "gave_up_error": gave_up_error,
+        "patience_seconds": patience_seconds,
+        "delay_seconds": delay_seconds,
+        "pause_seconds": pause_seconds,
+    }
+    rows = await _fenced_write(pool, queries.THROTTLE_BACK, params, deadline)
+    status: Outcome = rows[0][0] if rows else "lost"
+    return status
 
 
 async def _fenced_write(

@@ -30,6 +30,14 @@ class TransientError(PlanningError):
         self.retry_after = retry_after
 
 
+class Throttled(TransientError):
+    """The provider said "slow down" (HTTP 429 rate limit, 503 overloaded): flow control.
+
+    The request goes back without spending an attempt; `retry_after` is the provider's own
+    wait, when it gave one, and pauses every new call of the worker, not only this one.
+    """
+
+
 class PermanentError(PlanningError):
     """Retrying cannot help (refused credentials, a missing lead): fail the request now."""
 

@@ -8,27 +8,18 @@ struggling server never sees the SDK's retries multiplied by planbus's.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import anyio
 import httpx2
 import openai
 from openai import AsyncOpenAI
 
-from planbus.errors import (
-    INVALID_OUTPUT,
-    ConfigurationError,
-    PermanentError,
-    PlanningError,
-    TransientError,
-)
+from planbus.accounting import note_answer
+from planbus.errors import INVALID_OUTPUT, ConfigurationError, TransientError
 from planbus.plan import (
     LEAD_TEXT_FIELDS,
     InvalidPlan,
@@ -37,6 +28,7 @@ from planbus.plan import (
     plan_json_schema,
     validate_plan,
 )
+from planbus.provider_errors import ProviderErrors, server_detail
 from planbus.streaming import (
     AnswerTooLarge,
     NoContentDeltas,
@@ -76,9 +68,6 @@ LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = tuple(
     (name, LEAD_HEADINGS[name], WEB_RESEARCH_BUDGET if name == "web_research" else FIELD_BUDGET)
     for name in LEAD_TEXT_FIELDS
 )
-
-# Statuses worth another attempt besides 429 and 5xx (the SDK's own retry rule).
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 JSON_MODE: ResponseFormat = {"type": "json_object"}
 
@@ -122,6 +111,7 @@ class OpenAIPlanner:
                 "without keys, such as a local Ollama); or set PLANBUS_PLANNER=template"
             ) from None
         self._secret = self._client.api_key
+        self._errors = ProviderErrors(str(self._client.base_url), self._secret, self.timeout)
         schema = plan_json_schema()
         self._system_prompt = load_prompt()
         self._json_mode_prompt = (
@@ -139,7 +129,7 @@ class OpenAIPlanner:
         try:
             content = await self._ask(lead, on_progress)
         except (openai.OpenAIError, TimeoutError) as exc:
-            raise self._planning_error(exc) from None
+            raise self._errors.classify(exc) from None
         return parse_plan(content)
 
     async def aclose(self) -> None:
@@ -184,7 +174,7 @@ class OpenAIPlanner:
                     if not _rejects_streaming(exc):
                         raise
                     self._stop_streaming(
-                        f"HTTP {exc.status_code}: {_server_detail(exc, self._secret) or '-'}"
+                        f"HTTP {exc.status_code}: {server_detail(exc, self._secret) or '-'}"
                     )
                 except NoContentDeltas:
                     self._stop_streaming("its stream carried no content")
@@ -202,6 +192,7 @@ class OpenAIPlanner:
         try:
             if collector is not None and _is_event_stream(response):
                 streamed = await read_stream(response.aiter_bytes(), MAX_ANSWER_BYTES, collector)
+                note_answer({"model": streamed.model, "usage": streamed.usage})
                 return _checked_content(streamed.content, streamed.finish_reason)
             return _content(await read_body(response.aiter_bytes(), MAX_ANSWER_BYTES))
         except AnswerTooLarge as exc:
@@ -235,63 +226,8 @@ class OpenAIPlanner:
                 "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); "
                 "using JSON mode plus validation from now on",
                 exc.status_code,
-                _server_detail(exc, self._secret) or "no details",
+                server_detail(exc, self._secret) or "no details",
             )
-
-    def _planning_error(self, exc: BaseException) -> PlanningError:
-        """One plain sentence for `result.error`: no traceback, never the API key."""
-        if isinstance(exc, openai.APIConnectionError) and _lost_connection(exc):
-            return TransientError("Could not connect to the LLM server.", kind="connection")
-        if isinstance(exc, TimeoutError | openai.APITimeoutError):
-            return TransientError(
-                f"The LLM call timed out after {self.timeout:g} s.", kind="timeout"
-            )
-        if isinstance(exc, openai.APIConnectionError):
-            return TransientError("Could not connect to the LLM server.", kind="connection")
-        if isinstance(exc, openai.APIResponseValidationError):
-            return TransientError(
-                f"{INVALID_OUTPUT}: the server's answer could not be read.", kind="invalid_output"
-            )
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            if status in (401, 403):
-                return PermanentError(
-                    f"The LLM credentials were refused (HTTP {status}).", kind="auth_refused"
-                )
-            wait = retry_after_seconds(exc.response.headers, dt.datetime.now(dt.UTC))
-            if status == 429:
-                return TransientError(
-                    "The LLM server is rate limiting (HTTP 429).", wait, kind="rate_limited"
-                )
-            if status >= 500 or status in RETRYABLE_STATUSES:
-                return TransientError(
-                    f"The LLM server answered with an error (HTTP {status}).",
-                    wait,
-                    kind="server_error",
-                )
-            detail = _server_detail(exc, self._secret)
-            return PermanentError(
-                f"The LLM server rejected the request (HTTP {status})"
-                + (f": {detail}." if detail else "."),
-                kind="rejected",
-            )
-        return TransientError(f"The LLM call failed ({type(exc).__name__}).")
-
-
-def _lost_connection(exc: BaseException) -> bool:
-    """Whether an aiohttp connection error lies under `exc`, timeouts apart.
-
-    The aiohttp transport reports every connection error (refused, dropped, no such host) as a
-    connect *timeout*, so the SDK raises `APITimeoutError` for them; the error it wraps tells.
-    """
-    cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, TimeoutError):
-            return False
-        if isinstance(cause, aiohttp.ClientConnectionError):
-            return True
-        cause = cause.__cause__
-    return False
 
 
 def load_prompt() -> str:
@@ -337,32 +273,6 @@ def parse_plan(content: str) -> Plan:
         ) from None
 
 
-def retry_after_seconds(headers: Mapping[str, str], now: dt.datetime) -> float | None:
-    """The wait a server asked for: `retry-after-ms`, else `Retry-After` (seconds or a date)."""
-    milliseconds = _number(headers.get("retry-after-ms"))
-    if milliseconds is not None:
-        return milliseconds / 1000
-    value = headers.get("retry-after")
-    seconds = _number(value)
-    if seconds is not None or not value:
-        return seconds
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-def _number(value: str | None) -> float | None:
-    try:
-        number = float(value) if value else None
-    except ValueError:
-        return None
-    return number if number is not None and 0 <= number < float("inf") else None
-
-
 def _is_event_stream(response: httpx2.Response) -> bool:
     return response.headers.get("content-type", "").startswith("text/event-stream")
 
@@ -371,6 +281,7 @@ def _content(answer: bytes) -> str:
     # OpenAI-compatible servers vary: read defensively, and call anything unusable invalid.
     try:
         completion = json.loads(answer)
+        note_answer(completion)
         choice = completion["choices"][0]
         reason = choice.get("finish_reason")
         content = choice.get("message", {}).get("content")
@@ -408,14 +319,3 @@ def _rejects_streaming(exc: openai.APIStatusError) -> bool:
 
 def _error_text(exc: openai.APIStatusError) -> str:
     return f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
-
-
-def _server_detail(exc: openai.APIStatusError, secret: str) -> str:
-    """The server's own error message, as one short line without the API key."""
-    body: Any = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str):
-        return ""
-    if secret:
-        message = message.replace(secret, "[redacted]")
-    return cut(" ".join(message.split()), 200).rstrip(".")

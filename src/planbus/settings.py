@@ -111,6 +111,21 @@ class Settings(BaseSettings):
         default="127.0.0.1",
         description="address the metrics port binds to (0.0.0.0 for a scraper on another host)",
     )
+    # provider limits (docs/llm.md): 10 minutes of patience outlasts any per-minute window and a
+    # provider's usual brown-out; the ceiling is off unless the operator knows the account's.
+    throttle_patience_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=86_400,
+        description="how long a request may be throttled (HTTP 429/503) without a break "
+        "before it fails",
+    )
+    llm_requests_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description="ceiling on LLM calls per minute, shared by every worker of the database",
+    )
     # progress: while a plan streams, its finished steps are copied to `progress` at most this
     # often per request, and not within this long of the model's first token.
     progress_interval_seconds: float = Field(
