@@ -108,15 +108,39 @@ class Postgres:
                 total += (int(fields[11]) + int(fields[12])) / TICKS
         return total
 
-    def database(self, name: str) -> str:
-        """A freshly migrated database for one workload."""
+    def database(self, name: str, source: Path | None = None) -> str:
+        """A freshly migrated database for one workload, at the revisions of `source` if given."""
+        template = TEMPLATE if source is None else self._template_for(source)
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute(
                 sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(TEMPLATE)
+                    sql.Identifier(name), sql.Identifier(template)
                 )
             )
         return self.dsn(name)
+
+    def _template_for(self, source: Path) -> str:
+        """A template migrated by another checkout's own revisions (compare.py's `--before`):
+        its worker checks that the schema is at its head, which may be older than ours."""
+        template = f"{TEMPLATE}_{abs(hash(str(source))) % 10**8}"
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (template,)
+            ).fetchone()
+            if found:
+                return template
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(template)))
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from planbus import migrate; migrate.upgrade(sys.argv[1])",
+                self.dsn(template),
+            ],
+            env={**os.environ, "PYTHONPATH": str(source / "src")},
+            check=True,
+        )
+        return template
 
 
 class LLMServer:

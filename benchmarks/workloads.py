@@ -103,7 +103,7 @@ class Bench:
     def database(self, label: str) -> tuple[str, str]:
         self._databases += 1
         name = f"bench_{self._databases:02d}_{label}"
-        return name, self.pg.database(name)
+        return name, self.pg.database(name, self.source)
 
     def planbus(
         self,
