@@ -108,30 +108,54 @@ class Postgres:
                 total += (int(fields[11]) + int(fields[12])) / TICKS
         return total
 
-    def database(self, name: str) -> str:
-        """A freshly migrated database for one workload."""
+    def database(self, name: str, source: Path | None = None) -> str:
+        """A freshly migrated database for one workload, at the revisions of `source` if given."""
+        template = TEMPLATE if source is None else self._template_for(source)
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute(
                 sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(TEMPLATE)
+                    sql.Identifier(name), sql.Identifier(template)
                 )
             )
         return self.dsn(name)
+
+    def _template_for(self, source: Path) -> str:
+        """A template migrated by another checkout's own revisions (compare.py's `--before`):
+        its worker checks that the schema is at its head, which may be older than ours."""
+        template = f"{TEMPLATE}_{abs(hash(str(source))) % 10**8}"
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (template,)
+            ).fetchone()
+            if found:
+                return template
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(template)))
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from planbus import migrate; migrate.upgrade(sys.argv[1])",
+                self.dsn(template),
+            ],
+            env={**os.environ, "PYTHONPATH": str(source / "src")},
+            check=True,
+        )
+        return template
 
 
 class LLMServer:
     """`python -m benchmarks.llm` in a process of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = "benchmarks.llm", *flags: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.llm", "--port", "0"],
+            [sys.executable, "-m", module, "--port", "0", *flags],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
-        found = re.search(r"port (\d+)", line)
+        found = re.search(r"(?:port |127\.0\.0\.1:)(\d+)", line)
         if not found:
             raise BenchError(f"the benchmark LLM server did not start: {line!r}")
         self.port = int(found.group(1))
@@ -196,10 +220,11 @@ class WorkerProcess:
         planner: str = "openai",
         *flags: str,
         source: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
         command = [sys.executable, "-m", "planbus.listen", "--database-url", dsn]
         command += ["--planner", planner, *flags]
-        env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "bench"}
+        env = {"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "bench", **(env or {})}
         if source is not None:  # another copy of planbus, e.g. the code before a change
             env["PYTHONPATH"] = str(source / "src")
         return cls(command, PLANBUS_READY, log_path, env)
@@ -405,6 +430,7 @@ STATEMENT_KINDS = {
     "complete": "WITH input AS",
     "give back": "WITH given AS",
     "heartbeat": "SET lease_expires_at = now()",
+    "progress": "SET progress = $",
 }
 
 

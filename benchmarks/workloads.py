@@ -51,6 +51,16 @@ class Sizes:
     # Recovery runs with the worker's defaults; quick mode shortens lease and sweep.
     recovery_flags: tuple[str, ...] = ()
     recovery_hold: float = 20.0  # the live worker's model call: longer than two leases
+    # Provider limits: a rate limit (requests/s, burst) and a slot limit (slots, call seconds).
+    limits_requests: int = 300
+    limits_rate: float = 20.0
+    limits_burst: int = 20
+    limits_slot_requests: int = 100
+    limits_slots: int = 4
+    limits_slot_delay: float = 0.2
+    # Time to first step: requests one after another, each an 8-step plan at this pace.
+    first_step_requests: int = 3
+    first_step_tokens_per_second: float = 50.0
 
 
 FULL = Sizes()
@@ -69,6 +79,10 @@ QUICK = Sizes(
     idle_seconds=3.0,
     recovery_flags=("--lease-seconds", "1.5", "--sweep-seconds", "0.5"),
     recovery_hold=4.0,
+    limits_requests=60,
+    limits_slot_requests=20,
+    first_step_requests=1,
+    first_step_tokens_per_second=200.0,
 )
 
 
@@ -89,11 +103,22 @@ class Bench:
     def database(self, label: str) -> tuple[str, str]:
         self._databases += 1
         name = f"bench_{self._databases:02d}_{label}"
-        return name, self.pg.database(name)
+        return name, self.pg.database(name, self.source)
 
-    def planbus(self, dsn: str, label: str, planner: str = "openai", *flags: str) -> WorkerProcess:
+    def planbus(
+        self,
+        dsn: str,
+        label: str,
+        planner: str = "openai",
+        *flags: str,
+        llm: LLMServer | None = None,
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        """A ready worker; `llm` instead of the run's server, `env` added to its environment."""
         log = self.logs / f"{label}.log"
-        worker = WorkerProcess.planbus(dsn, self.llm, log, planner, *flags, source=self.source)
+        worker = WorkerProcess.planbus(
+            dsn, llm or self.llm, log, planner, *flags, source=self.source, env=env
+        )
         worker.wait_ready()
         if self.profile:
             worker.profile(self.logs / f"{label}.pyspy.txt")

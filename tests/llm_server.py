@@ -285,8 +285,12 @@ class FakeLLM:
         if call.streamed and reply.status == 200 and reply.body is None:
             return await self._stream(call, reply, headers, writer)
         content = _content(reply)
-        if reply.status == 200 and reply.body is None and reply.tokens_per_second:
-            await asyncio.sleep(len(pieces(content, reply.chunk_chars)) / reply.tokens_per_second)
+        pace = reply.tokens_per_second
+        if reply.status == 200 and reply.body is None and pace:
+            # The model writes at its pace even when nobody sees it: when each step was written.
+            started, size = time.time(), max(1, reply.chunk_chars)
+            call.step_times = [started + -(-end // size) / pace for end in step_ends(content)]
+            await asyncio.sleep(len(pieces(content, size)) / pace)
         call.status, call.finished = reply.status, time.time()
         writer.write(_response(reply, call, content, headers))
         await writer.drain()
@@ -300,7 +304,11 @@ class FakeLLM:
         self, call: Call, reply: Reply, headers: dict[str, str], writer: asyncio.StreamWriter
     ) -> bool:
         content = "" if reply.no_content else _content(reply)
-        parts = pieces(content, reply.chunk_chars)
+        # Without a pace the model has written everything at once: one piece, as a fast
+        # provider sends a short answer (hundreds of events per call would make the server,
+        # not the worker, what a burst of requests measures).
+        paced = reply.tokens_per_second or reply.cut_after is not None
+        parts = pieces(content, reply.chunk_chars) if paced else [content]
         ends = step_ends(content)
         options = call.body.get("stream_options") or {}
         maker = ChunkMaker(str(call.body.get("model", "fake")), bool(options.get("include_usage")))

@@ -39,7 +39,7 @@ class GatedPlanner(TemplatePlanner):
     def __init__(self) -> None:
         self.gate = anyio.Event()
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         await self.gate.wait()
         return await super().plan(lead)
 

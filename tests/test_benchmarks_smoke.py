@@ -43,9 +43,12 @@ def test_quick_benchmark_prints_the_table_and_writes_the_json(tmp_path: Path) ->
         "w4",
         "idle",
         "recovery",
+        "first_step",
     }
     # Correctness, not speed: every effect written, no false takeover.
     assert ran["w2_template"]["effects"]["completed"] == ran["w2_template"]["requests"]
     assert ran["w2_openai"]["effects"]["events"] == ran["w2_openai"]["requests"]
     assert ran["recovery"]["false_takeovers"] == 0
+    assert 0 < ran["first_step"]["steps_seen_before_completion"]
+    assert ran["first_step"]["progress_writes_per_request"] <= ran["first_step"]["steps"] + 1
     assert all(entry["planbus"] is not None for entry in report["table"])

@@ -65,7 +65,7 @@ async def test_inserted_request_completes_with_every_effect(database: Database) 
 class LongTextPlanner(TemplatePlanner):
     """The template plan with a 700-character DM, to see the draft cut to 500."""
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         plan = await super().plan(lead)
         steps = plan.as_json()
         steps[3]["suggested_text"] = "x" * 700
@@ -109,7 +109,7 @@ async def test_many_requests_run_at_the_same_time(database: Database) -> None:
     release = anyio.Event()
 
     class GatedPlanner(TemplatePlanner):
-        async def plan(self, lead: Lead) -> Plan:
+        async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
             nonlocal started, peak
             started += 1
             peak = max(peak, started)

@@ -247,7 +247,7 @@ async def test_request_for_a_lead_with_an_active_request_uses_that_request(
 
 
 class RefusedPlanner(TemplatePlanner):
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         raise PermanentError("The LLM credentials were refused.")
 
 

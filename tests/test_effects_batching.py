@@ -10,7 +10,9 @@ from psycopg.rows import dict_row
 
 from planbus import db, queries
 from planbus.effects import Completions, Outcome
+from planbus.errors import TransientError
 from planbus.leases import Claim
+from planbus.plan import Plan, Step
 from planbus.planner import TemplatePlanner
 from tests.helpers import Database, listening_events
 
@@ -71,3 +73,46 @@ async def test_requests_finishing_together_share_a_transaction_and_stay_fenced(
     for claim in claims:
         if claim is not taken:
             assert len(await database.reminders(claim.lead_id, "pending")) == 6
+
+
+async def test_a_plan_the_database_refuses_fails_alone_in_its_batch(database: Database) -> None:
+    leads = [await database.insert_lead(telegram_id=200 + i) for i in range(4)]
+    ids = [await database.insert_request(lead, telegram_id=200 + i) for i, lead in enumerate(leads)]
+    claims = await claim_all(database.url, len(ids))
+    bad = claims[1]
+    planner = TemplatePlanner()
+    outcomes: dict[int, Outcome | str] = {}
+
+    async with db.make_pool(database.url, 2) as pool:
+        completions = Completions(pool, writers=1)  # one writer: all four share a statement
+        async with anyio.create_task_group() as tg:
+            await tg.start(completions.run)
+
+            async def finish(claim: Claim) -> None:
+                assert claim.lead is not None
+                plan = await planner.plan(claim.lead)
+                if claim is bad:  # passed no validation: jsonb refuses \u0000
+                    steps = [s.model_dump() for s in plan.steps]
+                    steps[0]["description"] = "Like\u0000 posts"
+                    plan = Plan.model_construct(steps=[Step.model_construct(**s) for s in steps])
+                try:
+                    outcomes[claim.id] = await completions.complete(
+                        claim, plan, time.monotonic() + 10
+                    )
+                except TransientError as exc:
+                    outcomes[claim.id] = exc.message
+
+            async with anyio.create_task_group() as finishing:
+                for claim in claims:
+                    finishing.start_soon(finish, claim)
+            tg.cancel_scope.cancel()
+
+    assert {c.id: outcomes[c.id] for c in claims if c is not bad} == {
+        c.id: "completed" for c in claims if c is not bad
+    }
+    assert str(outcomes[bad.id]).startswith(
+        "The model's output was invalid: the plan could not be stored"
+    )
+    rows = {r["id"]: r["status"] for r in await database.fetchall("SELECT * FROM plan_requests")}
+    assert rows[bad.id] == "processing"  # the worker gives it back; nothing of it was written
+    assert await database.reminders(bad.lead_id) == []

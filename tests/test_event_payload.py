@@ -24,6 +24,7 @@ WORKER_GRANTS = [
     ("lead_registry", "SELECT, UPDATE"),
     ("scheduled_reminders", "SELECT, INSERT, UPDATE"),
     ("alembic_version", "SELECT"),
+    ("planbus_provider_limits", "SELECT, UPDATE"),
 ]
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import anyio
 import pytest
 
 from planbus import migrate
+from planbus.errors import TransientError
 from planbus.plan import Lead, Plan
 from planbus.planner import TemplatePlanner
+from planbus.streaming import ProgressCallback
 from tests.conftest import TestServer
 from tests.helpers import Database, eventually, listening_events, running_worker
 
@@ -23,7 +26,7 @@ class GatedPlanner(TemplatePlanner):
         self.release = anyio.Event()
         self.calls = 0
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         self.calls += 1
         await self.release.wait()
         return await super().plan(lead)
@@ -215,3 +218,41 @@ async def test_migrations_go_up_down_and_up_again(empty_database_url: str) -> No
     async with await psycopg.AsyncConnection.connect(empty_database_url) as conn:
         cursor = await conn.execute("SELECT version_num FROM alembic_version")
         assert await cursor.fetchone() == (migrate.head_revision(),)
+
+
+class FailsOnce(TemplatePlanner):
+    """A transient error on each lead's first attempt, a plan afterwards."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
+        if lead.id not in self.seen:
+            self.seen.add(lead.id)
+            raise TransientError("The LLM server answered with an error (HTTP 500).")
+        return await super().plan(lead, on_progress)
+
+
+async def test_a_retried_claim_counts_its_wait_from_when_it_became_due(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="planbus")
+    lead = await database.insert_lead()
+    request_id = await database.insert_request(lead)
+    # Inserted an hour ago (as a request `planbus retry` brings back would be).
+    await database.conn.execute(
+        "UPDATE plan_requests SET created_at = now() - interval '1 hour' WHERE id = %s",
+        (request_id,),
+    )
+    async with running_worker(database.url, FailsOnce()):
+        row = await database.wait_for(request_id)
+    assert (row["status"], row["attempts"]) == ("completed", 2)
+    waits = {
+        int(attempt): float(ms)
+        for attempt, ms in re.findall(
+            rf"request {request_id} lead {lead} claimed \(attempt (\d), waited ([\d.]+) ms\)",
+            caplog.text,
+        )
+    }
+    assert set(waits) == {1, 2}
+    assert waits[2] < 60_000  # from the end of its retry delay, not from the insert

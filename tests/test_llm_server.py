@@ -181,7 +181,16 @@ async def test_a_stream_keeps_its_pace(server: FakeLLM, client: AsyncOpenAI) -> 
     chunks = [chunk async for chunk in stream]
     assert time.monotonic() - started >= 0.06
     assert not any(c.usage for c in chunks)  # no usage chunk unless asked for
-    assert server.calls[-1].step_times and len(server.calls[-1].step_times) == 1
+    assert len(server.calls[-1].step_times) == 1
+    # A whole answer takes as long, and the server knows when the model wrote each step.
+    server.script(Reply(content=content, tokens_per_second=100))
+    started = time.monotonic()
+    await client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert time.monotonic() - started >= 0.06
+    call = server.calls[-1]
+    assert call.finished is not None
+    assert len(call.step_times) == 1
+    assert call.arrived < call.step_times[0] <= call.finished
 
 
 @pytest.mark.parametrize("server", [(None, Reply(cut_after=5))], indirect=True)

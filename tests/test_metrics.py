@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
 import urllib.error
 import urllib.request
@@ -94,7 +96,7 @@ class ScriptedPlanner(TemplatePlanner):
     def __init__(self) -> None:
         self.calls: dict[str | None, int] = {}
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: object = None) -> Plan:
         calls = self.calls[lead.prospect_name] = self.calls.get(lead.prospect_name, 0) + 1
         if lead.prospect_name == "flaky" and calls == 1:
             raise TransientError("The model took too long to answer.")
@@ -236,3 +238,66 @@ async def test_listen_serves_metrics_and_logs_each_state_change_as_json(
         assert change["attempt"] == 1
         assert isinstance(change["duration_ms"], float)
         assert f"request {request_id}" in change["message"]
+
+
+class MetricsWorker:
+    """A `python -m planbus.listen --metrics-port` process, and idle clients held against it."""
+
+    def __init__(self, worker: WorkerProcess, port: int) -> None:
+        self.worker = worker
+        self.base = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.idle: list[socket.socket] = []
+
+    def limit_descriptors(self, limit: int) -> None:
+        """As `prlimit --nofile=LIMIT --pid PID`."""
+        resource.prlimit(self.worker.pid, resource.RLIMIT_NOFILE, (limit, limit))
+
+    def hold_idle_connections(self, count: int) -> None:
+        """Connect and send nothing, as a slowloris client does."""
+        self.idle.extend(socket.create_connection(("127.0.0.1", self.port)) for _ in range(count))
+
+
+@asynccontextmanager
+async def metrics_worker(database: Database, tmp_path: Path) -> AsyncIterator[MetricsWorker]:
+    port = free_port()
+    worker = WorkerProcess(database.url, tmp_path / "worker.log", flags=[f"--metrics-port={port}"])
+    running = MetricsWorker(worker, port)
+    try:
+        await worker.start()
+        yield running
+    finally:
+        for connection in running.idle:
+            connection.close()
+        await worker.aclose()
+
+
+async def test_idle_connections_never_stop_metrics_or_the_worker(
+    database: Database, tmp_path: Path
+) -> None:
+    async with metrics_worker(database, tmp_path) as running:
+        log = running.worker.log()
+        assert f"metrics on {running.base}/metrics" in log  # loopback by default
+        running.limit_descriptors(256)  # fewer than the idle clients below hold open
+        running.hold_idle_connections(300)
+        status, _, text = await get(f"{running.base}/metrics")
+        assert status == 200
+        assert "planbus_requests_in_flight" in text
+        request_id = await database.insert_request(await database.insert_lead())
+        assert (await database.wait_for(request_id))["status"] == "completed"
+        assert (await get(f"{running.base}/healthz"))[0] == 200
+        assert running.worker.alive
+
+
+async def test_running_out_of_descriptors_on_accept_is_logged_and_survived(
+    database: Database, tmp_path: Path
+) -> None:
+    async with metrics_worker(database, tmp_path) as running:
+        first = await database.insert_request(await database.insert_lead())
+        await database.wait_for(first)
+        # A few descriptors to spare, far fewer than the server's connection limit.
+        running.limit_descriptors(len(os.listdir(f"/proc/{running.worker.pid}/fd")) + 6)
+        running.hold_idle_connections(50)
+        await running.worker.wait_for_log("metrics: cannot accept a connection")
+        assert (await get(f"{running.base}/metrics"))[0] == 200
+        assert running.worker.alive

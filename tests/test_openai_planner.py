@@ -20,11 +20,11 @@ from planbus.openai_planner import (
     OpenAIPlanner,
     load_prompt,
     parse_plan,
-    retry_after_seconds,
     user_message,
 )
 from planbus.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
 from planbus.planner import TemplatePlanner, make_planner, template_steps
+from planbus.provider_errors import retry_after_seconds
 from planbus.settings import load_settings
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
@@ -111,7 +111,8 @@ async def test_plan_from_the_model_is_stored_as_given(database: Database, llm: F
 
     assert request["status"] == "completed"
     assert request["attempts"] == 1
-    assert request["result"] == {"plan": MODEL_STEPS, "step_count": 3}
+    assert request["result"]["plan"] == MODEL_STEPS
+    assert request["result"]["step_count"] == 3
     assert await lead_plan(database, lead) == MODEL_STEPS
     drafts = [r["draft_text"] for r in await database.reminders(lead, "pending")]
     assert drafts == [
@@ -297,7 +298,7 @@ async def test_connection_dropped_by_the_server_is_a_connection_error(
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
-    assert request["result"] == {"error": "Could not connect to the LLM server."}
+    assert request["result"] == {"error": f"Could not connect to the LLM server at {llm.base_url}."}
     assert len(llm.calls) == 2
 
 
@@ -313,7 +314,9 @@ async def test_server_that_refuses_connections_is_a_connection_error(
 
     assert request["status"] == "failed"
     assert request["attempts"] == 2
-    assert request["result"] == {"error": "Could not connect to the LLM server."}
+    assert request["result"] == {
+        "error": f"Could not connect to the LLM server at http://127.0.0.1:{port}/v1."
+    }
 
 
 LEAD_FIELDS: dict[str, Any] = {

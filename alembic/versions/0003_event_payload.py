@@ -26,7 +26,8 @@ branch_labels = None
 depends_on = None
 
 SIGNATURE = "public.planbus_request_event(bigint, bigint, bigint, text)"
-API_ROLES = ("anon", "authenticated")
+# A managed platform's API roles: never the sender of an event (0004 closes the tables to them).
+API_ROLES = ("anon", "authenticated", "service_role")
 
 # A plain name: it is written into the function body as a string literal.
 assert re.fullmatch(r"[a-z_]+", EVENTS_CHANNEL), EVENTS_CHANNEL

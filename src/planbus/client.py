@@ -16,7 +16,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import db, logs, queries, runtime
+from planbus import db, logs, provider_limits, queries, runtime
 from planbus.errors import ConfigurationError, one_line
 from planbus.settings import Settings
 
@@ -95,7 +95,7 @@ async def describe(conn: psycopg.AsyncConnection[Any], settings: Settings) -> st
 
 async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
     """Counts by status, the oldest pending request, claims in progress, the last hour's
-    failures."""
+    failures, the LLM provider's pause and tokens."""
     counts = {status: 0 for status in STATUSES}
     for row in await fetchall(conn, queries.STATUS_COUNTS):
         counts[row["status"]] = row["count"]
@@ -106,6 +106,7 @@ async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
         "oldest_pending": oldest[0] if oldest else None,
         "processing": await fetchall(conn, queries.STATUS_PROCESSING, limit),
         "failed_last_hour": await fetchall(conn, queries.STATUS_RECENT_FAILURES, limit),
+        "provider": await provider_limits.status_report(conn),
     }
 
 

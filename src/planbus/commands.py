@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from psycopg import errors
 
-from planbus import client, console, demo, logs, migrate, queries, runtime
+from planbus import client, console, demo, logs, migrate, provider_limits, queries, runtime
 from planbus.client import connection, fetchall
 from planbus.console import clean, plural
 from planbus.settings import Settings
@@ -41,7 +41,10 @@ async def status_command(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 if args.watch is not None and sys.stdout.isatty():
                     print(CLEAR_SCREEN, end="")
-                print(console.format_status(report), flush=True)
+                print(console.format_status(report))
+                for line in provider_limits.status_lines(report["provider"]):
+                    print(clean(line))
+                sys.stdout.flush()
             if args.watch is None:
                 return EXIT_OK
             await anyio.sleep(args.watch)

@@ -187,7 +187,7 @@ class ListenConnection(psycopg.AsyncConnection[Any]):
 
 async def listen_forever(
     dsn: str,
-    on_notify: Callable[[], None],
+    on_notify: Callable[[psycopg.Notify], None],
     on_connect: Callable[[bool], Awaitable[None]],
     state: ListenerState,
     *,
@@ -213,6 +213,7 @@ async def listen_forever(
                 keepalives_count=3,
             ) as conn:
                 await listen(conn, queries.LISTEN_CHANNEL)
+                await listen(conn, queries.PROVIDER_CHANNEL)  # a peer's provider pause
                 state.connected = True
                 if started:
                     state.reconnects += 1
@@ -224,8 +225,8 @@ async def listen_forever(
                 if not started:
                     started = True
                     task_status.started()
-                async for _ in conn.notifies():
-                    on_notify()
+                async for notify in conn.notifies():
+                    on_notify(notify)
         except psycopg.OperationalError as exc:
             state.connected = False
             delay = backoff.failed(time.monotonic())

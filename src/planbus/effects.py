@@ -6,6 +6,7 @@ is still ours, or writes nothing at all. Completions that finish together share 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,11 +17,10 @@ import anyio
 import psycopg
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
-from planbus.errors import one_line
+from planbus.errors import INVALID_OUTPUT, TransientError, one_line
 from planbus.leases import Claim
 from planbus.plan import Plan
 from planbus.retry import Backoff
@@ -33,25 +33,42 @@ Outcome = Literal["completed", "pending", "failed", "lost"]
 
 @dataclass(eq=False, slots=True)
 class _Completion:
-    """A finished plan waiting for its write, and the write's result."""
+    """A finished plan, as the JSON its write sends, waiting for the write and its result."""
 
     claim: Claim
-    plan: Plan
+    payload: str
     deadline: float
     done: anyio.Event = field(default_factory=anyio.Event)
     written: bool = False
-    error: psycopg.Error | None = None
+    error: psycopg.OperationalError | TransientError | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.claim.id,
-            "claim_token": str(self.claim.token),
-            "plan": self.plan.as_json(),
-            "reminders": [
-                {"step_id": s.step_id, "delay_days": s.delay_days, "draft_text": s.draft_text}
-                for s in self.plan.steps
-            ],
-        }
+
+def _payload(claim: Claim, plan: Plan) -> str:
+    """One request's part of `queries.COMPLETE`'s JSON array; a plan that cannot be written as
+    JSON fails here, in its own request's task, as that request's invalid output."""
+    try:
+        return json.dumps(
+            {
+                "id": claim.id,
+                "claim_token": str(claim.token),
+                "plan": plan.as_json(),
+                "cost": claim.cost.as_result() if claim.cost else None,
+                "reminders": [
+                    {"step_id": s.step_id, "delay_days": s.delay_days, "draft_text": s.draft_text}
+                    for s in plan.steps
+                ],
+            }
+        )
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise _unstorable(claim, exc) from None
+
+
+def _unstorable(claim: Claim, exc: BaseException) -> TransientError:
+    log.warning("request %d: its plan could not be stored (%s)", claim.id, one_line(exc))
+    return TransientError(
+        f"{INVALID_OUTPUT}: the plan could not be stored ({type(exc).__name__}).",
+        kind="invalid_output",
+    )
 
 
 class Completions:
@@ -73,7 +90,7 @@ class Completions:
     async def complete(self, claim: Claim, plan: Plan, deadline: float) -> Outcome:
         """Apply every effect of `plan`; `lost` if the claim is gone. Needs `run()` running."""
         assert self._send is not None, "Completions.run() is not running"
-        item = _Completion(claim, plan, deadline)
+        item = _Completion(claim, _payload(claim, plan), deadline)
         self._send.send_nowait(item)
         await item.done.wait()
         if item.error is not None:
@@ -110,7 +127,8 @@ class Completions:
     async def _write(self, batch: list[_Completion]) -> None:
         finished = False
         try:
-            params = {"requests": Jsonb([item.as_json() for item in batch])}
+            # Each item was serialized by its own request; jsonb is parsed by the database.
+            params = {"requests": "[" + ",".join(item.payload for item in batch) + "]"}
             deadline = min(item.deadline for item in batch)
             rows = await _fenced_write(self.pool, queries.COMPLETE, params, deadline)
             written = {row[0] for row in rows}
@@ -122,8 +140,8 @@ class Completions:
                 item.error = exc
             finished = True
         except psycopg.Error as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
+            if len(batch) == 1:  # its data (a NUL, a bad escape...): the request's own failure
+                batch[0].error = _unstorable(batch[0].claim, exc)
             else:  # one request's data must not fail the others: write each on its own
                 for item in batch:
                     await self._write([item])
@@ -156,6 +174,32 @@ async def give_back(
     }
     written = await _fenced_write(pool, queries.GIVE_BACK, params, deadline)
     return status if written else "lost"
+
+
+async def throttle_back(
+    pool: AsyncConnectionPool,
+    claim: Claim,
+    *,
+    error: str,
+    gave_up_error: str,
+    patience_seconds: float,
+    delay_seconds: float,
+    pause_seconds: float,
+    deadline: float,
+) -> Outcome:
+    """Put a throttled request back without spending an attempt; `failed` past the patience."""
+    params = {
+        "id": claim.id,
+        "claim_token": claim.token,
+        "error": error,
+        "gave_up_error": gave_up_error,
+        "patience_seconds": patience_seconds,
+        "delay_seconds": delay_seconds,
+        "pause_seconds": pause_seconds,
+    }
+    rows = await _fenced_write(pool, queries.THROTTLE_BACK, params, deadline)
+    status: Outcome = rows[0][0] if rows else "lost"
+    return status
 
 
 async def _fenced_write(

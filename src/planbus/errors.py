@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# How every failure of the model's answer begins, however it was found (decoding, the step
+# rules, or the write that could not store it).
+INVALID_OUTPUT = "The model's output was invalid"
+
 
 class ConfigurationError(Exception):
     """The worker cannot start: the message says what the operator must do."""
@@ -24,6 +28,14 @@ class TransientError(PlanningError):
     ) -> None:
         super().__init__(message, kind=kind)
         self.retry_after = retry_after
+
+
+class Throttled(TransientError):
+    """The provider said "slow down" (HTTP 429 rate limit, 503 overloaded): flow control.
+
+    The request goes back without spending an attempt; `retry_after` is the provider's own
+    wait, when it gave one, and pauses every new call of the worker, not only this one.
+    """
 
 
 class PermanentError(PlanningError):

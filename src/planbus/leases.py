@@ -20,6 +20,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
+from planbus.accounting import Cost
 from planbus.errors import one_line
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
@@ -47,6 +48,14 @@ class Claim:
     lost: bool = False
     writing: bool = False
     started: float = field(default_factory=time.monotonic)
+    throttled: int = 0  # earlier claims the provider throttled: they spent no attempt
+    call_started: float = 0.0  # monotonic time this claim's LLM call started
+    cost: Cost | None = None  # what the planning call cost, stored beside the plan
+
+    @property
+    def spent_attempts(self) -> int:
+        """Claims that count against PLANBUS_MAX_ATTEMPTS: every claim but the throttled ones."""
+        return self.attempt - self.throttled
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -56,6 +65,7 @@ class Claim:
             lead_id=LeadId(row["lead_id"]),
             telegram_id=row["telegram_id"],
             attempt=row["attempts"],
+            throttled=row["throttled_claims"],
             token=row["claim_token"],
             waited_seconds=max(0.0, row["waited_seconds"] or 0.0),
             lead=lead_from_row(row) if row["lead_found"] else None,

@@ -8,20 +8,18 @@ struggling server never sees the SDK's retries multiplied by planbus's.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import anyio
+import httpx2
 import openai
 from openai import AsyncOpenAI
 
-from planbus.errors import ConfigurationError, PermanentError, PlanningError, TransientError
+from planbus.accounting import note_answer
+from planbus.errors import INVALID_OUTPUT, ConfigurationError, TransientError
 from planbus.plan import (
     LEAD_TEXT_FIELDS,
     InvalidPlan,
@@ -29,6 +27,16 @@ from planbus.plan import (
     Plan,
     plan_json_schema,
     validate_plan,
+)
+from planbus.provider_errors import ProviderErrors, server_detail
+from planbus.streaming import (
+    AnswerTooLarge,
+    NoContentDeltas,
+    ProgressCallback,
+    StepCollector,
+    StreamBroken,
+    read_body,
+    read_stream,
 )
 
 if TYPE_CHECKING:
@@ -38,8 +46,6 @@ if TYPE_CHECKING:
     from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-INVALID_OUTPUT = "The model's output was invalid"
 
 # Characters of each lead field sent to the model, so that a 1 MB `web_research` never exceeds
 # a model's context: at most 6 x 4,000 + 12,000 = 36,000 characters (about 9,000 tokens).
@@ -63,10 +69,19 @@ LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = tuple(
     for name in LEAD_TEXT_FIELDS
 )
 
-# Statuses worth another attempt besides 429 and 5xx (the SDK's own retry rule).
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
-
 JSON_MODE: ResponseFormat = {"type": "json_object"}
+
+# The answer's size is bounded twice. The model may write at most MAX_TOKENS tokens (a ten-step
+# plan is about 1,500), and planbus reads at most MAX_ANSWER_BYTES of the HTTP body: a streamed
+# answer spends ~200 bytes of event framing per token, so 4,000 tokens stay under 1 MB, and a
+# server that ignores `max_tokens` cannot fill the worker's memory.
+MAX_TOKENS = 4_000
+MAX_ANSWER_BYTES = 2_000_000
+# Ask for the answer as server-sent events, usage in the last one; a server that answers with
+# plain JSON instead (as the tests' and benchmarks' instant servers do) is read as before.
+STREAM: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+# With this header the SDK hands back the HTTP response before reading its body.
+RAW_BODY: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 
 
 class OpenAIPlanner:
@@ -96,6 +111,7 @@ class OpenAIPlanner:
                 "without keys, such as a local Ollama); or set PLANBUS_PLANNER=template"
             ) from None
         self._secret = self._client.api_key
+        self._errors = ProviderErrors(str(self._client.base_url), self._secret, self.timeout)
         schema = plan_json_schema()
         self._system_prompt = load_prompt()
         self._json_mode_prompt = (
@@ -107,42 +123,101 @@ class OpenAIPlanner:
             "json_schema": {"name": "engagement_plan", "strict": True, "schema": schema},
         }
         self._json_schema_supported = True
+        self._streaming_supported = True
 
-    async def plan(self, lead: Lead) -> Plan:
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
         try:
-            content = await self._ask(lead)
+            content = await self._ask(lead, on_progress)
         except (openai.OpenAIError, TimeoutError) as exc:
-            raise self._planning_error(exc) from None
+            raise self._errors.classify(exc) from None
         return parse_plan(content)
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def _ask(self, lead: Lead) -> str:
+    async def _ask(self, lead: Lead, on_progress: ProgressCallback | None) -> str:
         user = user_message(lead)
         if self._json_schema_supported:
             try:
-                return await self._complete(self._system_prompt, user, self._schema_format)
+                return await self._complete(
+                    self._system_prompt, user, self._schema_format, on_progress
+                )
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 if not _rejects_json_schema(exc):
                     raise
                 self._fall_back_to_json_mode(exc)
-        return await self._complete(self._json_mode_prompt, user, JSON_MODE)
+        return await self._complete(self._json_mode_prompt, user, JSON_MODE, on_progress)
 
-    async def _complete(self, system: str, user: str, response_format: ResponseFormat) -> str:
+    async def _complete(
+        self,
+        system: str,
+        user: str,
+        response_format: ResponseFormat,
+        on_progress: ProgressCallback | None,
+    ) -> str:
         messages: list[ChatCompletionMessageParam] = [
             {"role": "system", "content": system},
             {"role": "user", "content": user},
         ]
-        body = {"model": self.model, "messages": messages, "response_format": response_format}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "response_format": response_format,
+            "max_tokens": MAX_TOKENS,
+        }
         # The SDK's timeout bounds each network wait; this bounds the whole call.
         with anyio.fail_after(self.timeout):
-            # The SDK's generic `post` keeps its auth, base URL, timeouts and typed errors, but
-            # skips the per-call transformation of the parameters and the construction of
-            # response models that `chat.completions.create` does: measured, 0.64 ms of CPU per
-            # call instead of 1.12 ms, which is what bounds a worker's calls per second.
-            answer = await self._client.post("/chat/completions", body=body, cast_to=str)
-        return _content(answer)
+            if self._streaming_supported:
+                try:
+                    return await self._call(body | STREAM, StepCollector(on_progress))
+                except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                    if not _rejects_streaming(exc):
+                        raise
+                    self._stop_streaming(
+                        f"HTTP {exc.status_code}: {server_detail(exc, self._secret) or '-'}"
+                    )
+                except NoContentDeltas:
+                    self._stop_streaming("its stream carried no content")
+            return await self._call(body, None)
+
+    async def _call(self, body: dict[str, Any], collector: StepCollector | None) -> str:
+        """One call; the answer's content, read as a stream when the server sends one."""
+        # The SDK's generic `post` keeps its auth, base URL, timeouts and typed errors, but
+        # skips the per-call transformation of the parameters and the construction of
+        # response models that `chat.completions.create` does: measured, 0.64 ms of CPU per
+        # call instead of 1.12 ms, which is what bounds a worker's calls per second.
+        response = await self._client.post(
+            "/chat/completions", body=body, cast_to=httpx2.Response, options=RAW_BODY
+        )
+        try:
+            if collector is not None and _is_event_stream(response):
+                streamed = await read_stream(response.aiter_bytes(), MAX_ANSWER_BYTES, collector)
+                note_answer({"model": streamed.model, "usage": streamed.usage})
+                return _checked_content(streamed.content, streamed.finish_reason)
+            return _content(await read_body(response.aiter_bytes(), MAX_ANSWER_BYTES))
+        except AnswerTooLarge as exc:
+            raise TransientError(f"{INVALID_OUTPUT}: {exc}.", kind="invalid_output") from None
+        except StreamBroken as exc:
+            raise TransientError(
+                f"The LLM server's answer broke off: {exc.reason}.", kind="connection"
+            ) from None
+        except httpx2.TimeoutException:
+            raise TimeoutError from None  # one wait of the read took too long: a timeout
+        except httpx2.TransportError:
+            raise TransientError(
+                "The LLM server's answer broke off before its end.", kind="connection"
+            ) from None
+        finally:
+            await response.aclose()
+
+    def _stop_streaming(self, reason: str) -> None:
+        if self._streaming_supported:
+            self._streaming_supported = False
+            log.warning(
+                "the LLM server cannot stream a structured answer (%s); asking for whole "
+                "answers from now on, so plans appear all at once",
+                reason,
+            )
 
     def _fall_back_to_json_mode(self, exc: openai.APIStatusError) -> None:
         if self._json_schema_supported:
@@ -151,63 +226,8 @@ class OpenAIPlanner:
                 "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); "
                 "using JSON mode plus validation from now on",
                 exc.status_code,
-                _server_detail(exc, self._secret) or "no details",
+                server_detail(exc, self._secret) or "no details",
             )
-
-    def _planning_error(self, exc: BaseException) -> PlanningError:
-        """One plain sentence for `result.error`: no traceback, never the API key."""
-        if isinstance(exc, openai.APIConnectionError) and _lost_connection(exc):
-            return TransientError("Could not connect to the LLM server.", kind="connection")
-        if isinstance(exc, TimeoutError | openai.APITimeoutError):
-            return TransientError(
-                f"The LLM call timed out after {self.timeout:g} s.", kind="timeout"
-            )
-        if isinstance(exc, openai.APIConnectionError):
-            return TransientError("Could not connect to the LLM server.", kind="connection")
-        if isinstance(exc, openai.APIResponseValidationError):
-            return TransientError(
-                f"{INVALID_OUTPUT}: the server's answer could not be read.", kind="invalid_output"
-            )
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            if status in (401, 403):
-                return PermanentError(
-                    f"The LLM credentials were refused (HTTP {status}).", kind="auth_refused"
-                )
-            wait = retry_after_seconds(exc.response.headers, dt.datetime.now(dt.UTC))
-            if status == 429:
-                return TransientError(
-                    "The LLM server is rate limiting (HTTP 429).", wait, kind="rate_limited"
-                )
-            if status >= 500 or status in RETRYABLE_STATUSES:
-                return TransientError(
-                    f"The LLM server answered with an error (HTTP {status}).",
-                    wait,
-                    kind="server_error",
-                )
-            detail = _server_detail(exc, self._secret)
-            return PermanentError(
-                f"The LLM server rejected the request (HTTP {status})"
-                + (f": {detail}." if detail else "."),
-                kind="rejected",
-            )
-        return TransientError(f"The LLM call failed ({type(exc).__name__}).")
-
-
-def _lost_connection(exc: BaseException) -> bool:
-    """Whether an aiohttp connection error lies under `exc`, timeouts apart.
-
-    The aiohttp transport reports every connection error (refused, dropped, no such host) as a
-    connect *timeout*, so the SDK raises `APITimeoutError` for them; the error it wraps tells.
-    """
-    cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, TimeoutError):
-            return False
-        if isinstance(cause, aiohttp.ClientConnectionError):
-            return True
-        cause = cause.__cause__
-    return False
 
 
 def load_prompt() -> str:
@@ -253,36 +273,15 @@ def parse_plan(content: str) -> Plan:
         ) from None
 
 
-def retry_after_seconds(headers: Mapping[str, str], now: dt.datetime) -> float | None:
-    """The wait a server asked for: `retry-after-ms`, else `Retry-After` (seconds or a date)."""
-    milliseconds = _number(headers.get("retry-after-ms"))
-    if milliseconds is not None:
-        return milliseconds / 1000
-    value = headers.get("retry-after")
-    seconds = _number(value)
-    if seconds is not None or not value:
-        return seconds
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - now).total_seconds())
+def _is_event_stream(response: httpx2.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
-def _number(value: str | None) -> float | None:
-    try:
-        number = float(value) if value else None
-    except ValueError:
-        return None
-    return number if number is not None and 0 <= number < float("inf") else None
-
-
-def _content(answer: str) -> str:
+def _content(answer: bytes) -> str:
     # OpenAI-compatible servers vary: read defensively, and call anything unusable invalid.
     try:
         completion = json.loads(answer)
+        note_answer(completion)
         choice = completion["choices"][0]
         reason = choice.get("finish_reason")
         content = choice.get("message", {}).get("content")
@@ -290,6 +289,11 @@ def _content(answer: str) -> str:
         raise TransientError(
             f"{INVALID_OUTPUT}: the server's answer could not be read.", kind="invalid_output"
         ) from None
+    return _checked_content(content, reason)
+
+
+def _checked_content(content: Any, reason: Any) -> str:
+    """The answer's text, unless it was cut at the length limit or is missing."""
     if reason == "length":
         raise TransientError(
             f"{INVALID_OUTPUT}: the answer was cut off at the length limit.", kind="invalid_output"
@@ -304,16 +308,14 @@ def _content(answer: str) -> str:
 
 def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
     """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
-    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+    text = _error_text(exc)
     return "json_schema" in text or "response_format" in text
 
 
-def _server_detail(exc: openai.APIStatusError, secret: str) -> str:
-    """The server's own error message, as one short line without the API key."""
-    body: Any = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str):
-        return ""
-    if secret:
-        message = message.replace(secret, "[redacted]")
-    return cut(" ".join(message.split()), 200).rstrip(".")
+def _rejects_streaming(exc: openai.APIStatusError) -> bool:
+    """Does this 400/422 (to a streamed call) say the server cannot stream this answer?"""
+    return "stream" in _error_text(exc)
+
+
+def _error_text(exc: openai.APIStatusError) -> str:
+    return f"{exc.message} {json.dumps(exc.body, default=str)}".lower()

@@ -6,7 +6,7 @@ import logging
 import time
 
 from planbus.effects import Outcome
-from planbus.errors import PermanentError, PlanningError
+from planbus.errors import PermanentError, PlanningError, Throttled
 from planbus.leases import Claim
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
@@ -36,6 +36,15 @@ def report_outcome(
     where = f"request {claim.id} lead {claim.lead_id} attempt {claim.attempt}"
     if outcome == "completed":
         log.info("%s completed in %.0f ms", where, elapsed_ms, extra=fields)
+    elif outcome == "pending" and isinstance(error, Throttled):
+        # Flow control, not a failure: one line per refusal, at INFO.
+        log.info(
+            "%s throttled by the LLM provider, back in %.2fs: %s",
+            where,
+            retry.delay if retry else 0.0,
+            error.message,
+            extra=fields,
+        )
     elif outcome == "pending":
         log.warning(
             "%s failed, retrying in %.1fs: %s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, NewType, get_args
@@ -35,6 +36,12 @@ MAX_STEPS = 10
 MAX_CONNECT_TEXT = 200
 MAX_DELAY_DAYS = 90
 MAX_DRAFT_TEXT = 500
+# How deep a field of the model's own may nest: a plan is stored as JSON in jsonb, and a
+# 256-level value breaks its serialization (it once took the worker down).
+MAX_EXTRA_DEPTH = 8
+# NUL (which jsonb refuses) and surrogates: a str decoded from JSON holds one only when the
+# answer had an unpaired `\ud800`-style escape, which no UTF-8 encoder accepts.
+UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class Step(BaseModel):
@@ -107,10 +114,58 @@ class InvalidPlan(ValueError):
 
 def validate_plan(data: Any) -> Plan:
     """Validate a decoded `{"steps": [...]}` object; reject, never repair."""
+    problem = unstorable(data)
+    if problem is not None:
+        raise InvalidPlan(problem)
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:
         raise InvalidPlan(describe_validation_error(exc)) from None
+
+
+def unstorable(data: Any) -> str | None:
+    """What in the steps could not be stored as text or jsonb, as one sentence; else None.
+
+    Every field, the model's own included, is walked without recursion: NUL characters,
+    unpaired surrogates and values nested deeper than MAX_EXTRA_DEPTH are refused here, so a
+    hostile answer fails as that request's invalid output, not later in the write.
+    """
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, list):
+        return None  # the schema says what is wrong with it
+    for number, step in enumerate(steps, start=1):
+        if not isinstance(step, dict):
+            continue
+        for name, value in step.items():
+            problem = _field_problem(name, value)
+            if problem is not None:
+                return f"step {number} {problem}"
+    return None
+
+
+def _field_problem(name: Any, value: Any) -> str | None:
+    shown = repr(name[:40]) if isinstance(name, str) else repr(name)
+    if isinstance(name, str) and UNSTORABLE_TEXT.search(name):
+        return f"has a field name with {_what(name)}: {shown}"
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            if UNSTORABLE_TEXT.search(item):
+                return f"field {shown} contains {_what(item)}"
+        elif isinstance(item, dict | list):
+            if depth >= MAX_EXTRA_DEPTH:
+                return f"field {shown} is nested more than {MAX_EXTRA_DEPTH} levels deep"
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in children:
+                if isinstance(key, str) and UNSTORABLE_TEXT.search(key):
+                    return f"field {shown} holds a key with {_what(key)}"
+                pending.append((child, depth + 1))
+    return None
+
+
+def _what(text: str) -> str:
+    return "a NUL character" if "\x00" in text else "an unpaired surrogate (invalid Unicode)"
 
 
 def describe_validation_error(exc: ValidationError) -> str:

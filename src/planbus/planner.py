@@ -8,14 +8,19 @@ from planbus.plan import MAX_CONNECT_TEXT, Lead, Plan, validate_plan
 
 if TYPE_CHECKING:
     from planbus.settings import Settings
+    from planbus.streaming import ProgressCallback
 
 
 class Planner(Protocol):
-    """Lead in, validated plan out; raises `TransientError` or `PermanentError` on failure."""
+    """Lead in, validated plan out; raises `TransientError` or `PermanentError` on failure.
+
+    A planner that sees the plan being written calls `on_progress` with the steps finished so
+    far; the returned plan is the only one that counts.
+    """
 
     name: str
 
-    async def plan(self, lead: Lead) -> Plan: ...
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan: ...
 
     async def aclose(self) -> None: ...
 
@@ -25,8 +30,8 @@ class TemplatePlanner:
 
     name = "template"
 
-    async def plan(self, lead: Lead) -> Plan:
-        return validate_plan({"steps": template_steps(lead)})
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
+        return validate_plan({"steps": template_steps(lead)})  # all at once: no progress
 
     async def aclose(self) -> None:
         return None

@@ -22,6 +22,8 @@ EVENTS_CHANNEL: LiteralString = "plan_request_events"
 # a claim lost to a database crash reverts the request to `pending`, to be claimed again, and
 # whatever the first claimant then writes is fenced out by its claim token. Every write that
 # ends a claim commits durably, and its flush covers the claim before it.
+# `waited_seconds` counts from when the request became due: its insert, or the end of a retry
+# delay, a hand-back or `planbus retry` (each sets run_after), never from a first attempt.
 CLAIM: LiteralString = """
 WITH claimed AS (
     UPDATE plan_requests AS r
@@ -38,15 +40,17 @@ WITH claimed AS (
                 ORDER BY run_after, id
                 LIMIT %(limit)s
                   FOR UPDATE SKIP LOCKED))
- RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.claim_token, r.created_at, r.claimed_at
+ RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.throttled_claims, r.claim_token,
+           r.created_at, r.run_after, r.claimed_at
 ), next_due AS (
     SELECT extract(epoch FROM min(run_after) - now())::float8 AS seconds
       FROM plan_requests
      WHERE status = 'pending' AND run_after > now()
 )
 SELECT n.seconds AS next_due_seconds,
-       c.id, c.lead_id, c.telegram_id, c.attempts, c.claim_token,
-       extract(epoch FROM c.claimed_at - c.created_at)::float8 AS waited_seconds,
+       c.id, c.lead_id, c.telegram_id, c.attempts, c.throttled_claims, c.claim_token,
+       extract(epoch FROM c.claimed_at - greatest(c.created_at, c.run_after))::float8
+           AS waited_seconds,
        l.id IS NOT NULL AS lead_found, l.telegram_id AS lead_telegram_id,
        l.prospect_name, l.prospect_title, l.prospect_company, l.prospect_analysis,
        l.closing_strategy, l.original_context, l.web_research
@@ -72,16 +76,19 @@ RETURNING r.id
 # writes nothing at all. The caller never puts two requests of one lead in the same array.
 COMPLETE: LiteralString = """
 WITH input AS (
-    SELECT i.id, i.claim_token, i.plan, i.reminders
+    SELECT i.id, i.claim_token, i.plan, i.reminders, i.cost
       FROM jsonb_to_recordset(%(requests)s::jsonb)
-        AS i (id bigint, claim_token uuid, plan jsonb, reminders jsonb)
+        AS i (id bigint, claim_token uuid, plan jsonb, reminders jsonb, cost jsonb)
 ), done AS (
     UPDATE plan_requests AS r
        SET status = 'completed',
            -- A request an operator retried keeps the error it was retried from.
-           result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan))
+           result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan),
+                                       'throttled_calls', r.throttled_claims)
+                    || coalesce(i.cost, '{}')
                     || jsonb_strip_nulls(jsonb_build_object(
                            'previous_error', r.result -> 'previous_error')),
+           progress = NULL,
            last_error = r.result ->> 'previous_error',
            claim_token = NULL,
            lease_expires_at = NULL,
@@ -128,7 +135,9 @@ WITH given AS (
                               || jsonb_strip_nulls(jsonb_build_object(
                                      'previous_error', result -> 'previous_error'))
                          ELSE result END,
+           progress = NULL,
            last_error = %(error)s::text,
+           throttled_since = NULL,
            run_after = now() + make_interval(secs => %(delay_seconds)s),
            claim_token = NULL,
            lease_expires_at = NULL,
@@ -147,34 +156,36 @@ SELECT status, CASE WHEN status = 'failed'
 HAND_BACK: LiteralString = """
 UPDATE plan_requests AS r
    SET status = 'pending', claim_token = NULL, lease_expires_at = NULL, worker_id = NULL,
-       run_after = now(), updated_at = now()
+       progress = NULL, run_after = now(), updated_at = now()
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held (id, claim_token)
  WHERE r.id = held.id AND r.claim_token = held.claim_token AND r.status = 'processing'
 RETURNING r.id
 """
 
 # The fallback sweep: claims whose lease ran out (their worker died or froze) go back to
-# `pending`, or to `failed` once their attempts are spent. Rows from an older deployment that
-# are `processing` without any lease count as expired.
+# `pending`, or to `failed` once their attempts are spent (claims the provider throttled
+# spend none). Rows from an older deployment that are `processing` without any lease count
+# as expired.
 RECOVER_EXPIRED: LiteralString = """
 WITH expired AS (
-    SELECT id FROM plan_requests
+    SELECT id, attempts - throttled_claims >= %(max_attempts)s AS spent FROM plan_requests
      WHERE status = 'processing' AND (lease_expires_at IS NULL OR lease_expires_at < now())
        FOR UPDATE SKIP LOCKED
 ), recovered AS (
     UPDATE plan_requests AS r
-       SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
-           result = CASE WHEN r.attempts >= %(max_attempts)s
+       SET status = CASE WHEN expired.spent THEN 'failed' ELSE 'pending' END,
+           result = CASE WHEN expired.spent
                          THEN jsonb_build_object('error', %(lost_error)s::text)
                               || jsonb_strip_nulls(jsonb_build_object(
                                      'previous_error', r.result -> 'previous_error'))
                          ELSE r.result END,
+           progress = NULL,
            last_error = %(lost_error)s::text,
            claim_token = NULL,
            lease_expires_at = NULL,
            worker_id = NULL,
            run_after = now(),
-           finished_at = CASE WHEN r.attempts >= %(max_attempts)s THEN now() END,
+           finished_at = CASE WHEN expired.spent THEN now() END,
            updated_at = now()
       FROM expired
      WHERE r.id = expired.id
@@ -194,12 +205,131 @@ SELECT has_function_privilege(
     'public.planbus_request_event(bigint, bigint, bigint, text)', 'EXECUTE')
 """
 
+# -- progress --------------------------------------------------------------------------------
+
+# The steps a streamed plan has so far, for the Mini App to show while it waits. Fenced like
+# every write: a worker whose claim was taken over matches no row. Progress is a preview that
+# the next write replaces, so its commit does not wait for the WAL flush (this transaction
+# only): the row lock it takes is released at once and never holds up the completion.
+SHOW_PROGRESS: LiteralString = """
+UPDATE plan_requests
+   SET progress = %(progress)s::jsonb
+  FROM set_config('synchronous_commit', 'off', true) AS async_commit
+ WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
+"""
+
 # Start-up check: the schema this worker needs is in place.
 SCHEMA_READY: LiteralString = """
 SELECT to_regclass('public.plan_requests') IS NOT NULL
    AND EXISTS (SELECT 1 FROM information_schema.columns
                 WHERE table_schema = 'public' AND table_name = 'plan_requests'
                   AND column_name = 'claim_token')
+"""
+
+# -- provider limits --------------------------------------------------------------------------
+
+# Where a throttling provider's "retry after" reaches the other workers: NOTIFY on this channel,
+# payload the seconds the pause has left (the row in planbus_provider_limits is the truth).
+PROVIDER_CHANNEL: LiteralString = "planbus_provider_limits"
+
+# A throttled call (HTTP 429 rate limit, 503 overloaded): flow control, not failure. The request
+# goes back to `pending` after %(delay_seconds)s; the claim counts in `throttled_claims`, so it
+# spends none of PLANBUS_MAX_ATTEMPTS. Only a request throttled without a break for
+# %(patience_seconds)s fails, with %(gave_up_error)s. The provider's wait, when it gave one,
+# becomes the database's pause (never shortened) and is announced to every worker. Fenced like
+# GIVE_BACK.
+THROTTLE_BACK: LiteralString = """
+WITH claim AS (
+    SELECT id, coalesce(throttled_since, now()) AS since,
+           coalesce(throttled_since, now())
+               <= now() - make_interval(secs => %(patience_seconds)s) AS gives_up
+      FROM plan_requests
+     WHERE id = %(id)s AND claim_token = %(claim_token)s AND status = 'processing'
+), given AS (
+    UPDATE plan_requests AS r
+       SET status = CASE WHEN c.gives_up THEN 'failed' ELSE 'pending' END,
+           result = CASE WHEN c.gives_up THEN jsonb_build_object('error', %(gave_up_error)s::text)
+                         ELSE r.result END,
+           last_error = CASE WHEN c.gives_up THEN %(gave_up_error)s::text ELSE %(error)s::text END,
+           throttled_claims = r.throttled_claims + 1,
+           throttled_since = c.since,
+           run_after = now() + make_interval(secs => %(delay_seconds)s),
+           claim_token = NULL,
+           lease_expires_at = NULL,
+           worker_id = NULL,
+           finished_at = CASE WHEN c.gives_up THEN now() END,
+           updated_at = now()
+      FROM claim AS c
+     WHERE r.id = c.id AND r.claim_token = %(claim_token)s AND r.status = 'processing'
+ RETURNING r.id, r.lead_id, r.telegram_id, r.status
+), pause AS (
+    UPDATE planbus_provider_limits
+       SET paused_until = greatest(paused_until,
+                                   now() + make_interval(secs => %(pause_seconds)s::float8))
+     WHERE %(pause_seconds)s::float8 > 0
+ RETURNING paused_until
+)
+SELECT status, CASE WHEN status = 'failed'
+                   THEN public.planbus_request_event(id, lead_id, telegram_id, status) END,
+       (SELECT pg_notify('planbus_provider_limits',
+                         extract(epoch FROM p.paused_until - now())::float8::text)
+          FROM pause AS p)
+  FROM given
+"""
+
+# How long the database's pause has left (read after LISTEN (re)connects: notifications sent
+# meanwhile were missed).
+PAUSE_LEFT: LiteralString = """
+SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8
+  FROM planbus_provider_limits
+"""
+
+# The optional ceiling PLANBUS_LLM_REQUESTS_PER_MINUTE, shared by every worker: a token bucket
+# of %(burst)s calls refilled at %(per_second)s. Sent before a claim only when the ceiling is
+# set: it grants up to %(wanted)s calls and says how long until the next one would be granted.
+RESERVE_CALLS: LiteralString = """
+WITH refilled AS (
+    SELECT least(%(burst)s::float8,
+                 coalesce(budget + extract(epoch FROM now() - budget_at)::float8
+                                   * %(per_second)s::float8,
+                          %(burst)s::float8)) AS tokens
+      FROM planbus_provider_limits
+       FOR UPDATE
+), granted AS (
+    SELECT tokens, greatest(0, least(%(wanted)s::int, floor(tokens)::int)) AS calls
+      FROM refilled
+)
+UPDATE planbus_provider_limits
+   SET budget = g.tokens - g.calls, budget_at = now()
+  FROM granted AS g
+RETURNING g.calls, greatest(1 - (g.tokens - g.calls), 0) / %(per_second)s::float8 AS wait_seconds
+"""
+
+# `python -m planbus status`: the shared pause, the requests waiting out throttling, the pace of
+# the last minute, and the last hour's plans and tokens by model.
+STATUS_PROVIDER: LiteralString = """
+SELECT (SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8
+          FROM planbus_provider_limits) AS paused_seconds,
+       (SELECT count(*) FROM plan_requests
+         WHERE status = 'pending' AND throttled_since IS NOT NULL) AS throttled_waiting,
+       (SELECT count(*) FROM plan_requests
+         WHERE status IN ('completed', 'failed')
+           AND finished_at > now() - interval '1 minute') AS finished_last_minute
+"""
+
+STATUS_TOKENS_LAST_HOUR: LiteralString = """
+SELECT coalesce(result ->> 'model', 'unknown') AS model, count(*) AS plans,
+       sum((result -> 'usage' ->> 'prompt_tokens')::bigint)::bigint AS prompt_tokens,
+       sum((result -> 'usage' ->> 'completion_tokens')::bigint)::bigint AS completion_tokens
+  FROM plan_requests
+ WHERE status = 'completed' AND finished_at > now() - interval '1 hour'
+ GROUP BY 1
+ ORDER BY 1
+"""
+
+# Calls granted by RESERVE_CALLS that found no request to claim go back to the bucket.
+REFUND_CALLS: LiteralString = """
+UPDATE planbus_provider_limits SET budget = least(%(burst)s::float8, budget + %(calls)s::int)
 """
 
 # -- metrics and operator commands (`python -m planbus`) ----------------------------------------
@@ -443,7 +573,8 @@ SELECT t.name,
   FROM (VALUES ('plan_requests', ARRAY['SELECT', 'UPDATE']),
                ('lead_registry', ARRAY['SELECT', 'UPDATE']),
                ('scheduled_reminders', ARRAY['SELECT', 'INSERT', 'UPDATE']),
-               ('alembic_version', ARRAY['SELECT'])) AS t (name, privileges)
+               ('alembic_version', ARRAY['SELECT']),
+               ('planbus_provider_limits', ARRAY['SELECT', 'UPDATE'])) AS t (name, privileges)
   JOIN pg_class AS c ON c.oid = to_regclass('public.' || t.name)
   JOIN pg_roles AS r ON r.rolname = current_user
  ORDER BY t.name = 'plan_requests' DESC, t.name

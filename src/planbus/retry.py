@@ -60,6 +60,26 @@ class Backoff:
         self.failures = 0
 
 
+# The longest a throttled request waits when the provider named no wait (Ollama's 503 does not):
+# the adaptive limit, not this delay, is what keeps such a server from being flooded.
+THROTTLED_RETURN_CAP = 2.0
+
+
+def throttled_delay(
+    provider_wait: float | None,
+    pause_left: float,
+    throttled_before: int,
+    uniform: Uniform = random.uniform,
+) -> float:
+    """When a throttled request may be claimed again: when the provider's wait (or the worker's
+    pause) ends; without either, after a short jittered delay, so refusals do not return
+    together."""
+    delay = max(provider_wait or 0.0, pause_left)
+    if delay > 0:
+        return delay
+    return jittered(throttled_before + 1, base=0.1, cap=THROTTLED_RETURN_CAP, uniform=uniform)
+
+
 @dataclass(frozen=True, slots=True)
 class RetryDecision:
     """What becomes of a failed attempt: `final` fails the request, else retry after `delay`."""

@@ -102,11 +102,39 @@ class Settings(BaseSettings):
         description="data folder of the embedded server (default: .planbus/postgres in the "
         "checkout, else $XDG_DATA_HOME/planbus/postgres)",
     )
-    # /metrics and /healthz; 0 means off. All interfaces by default, so Prometheus can scrape.
+    # /metrics and /healthz; 0 means off. Loopback by default: docs/deploy.md says when to bind
+    # wider.
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="serve /metrics and /healthz on this port; 0: off"
     )
-    metrics_host: str = Field(default="0.0.0.0", description="address the metrics port binds to")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the metrics port binds to (0.0.0.0 for a scraper on another host)",
+    )
+    # provider limits (docs/llm.md): 10 minutes of patience outlasts any per-minute window and a
+    # provider's usual brown-out; the ceiling is off unless the operator knows the account's.
+    throttle_patience_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=86_400,
+        description="how long a request may be throttled (HTTP 429/503) without a break "
+        "before it fails",
+    )
+    llm_requests_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description="ceiling on LLM calls per minute, shared by every worker of the database",
+    )
+    # progress: while a plan streams, its finished steps are copied to `progress` at most this
+    # often per request, and not within this long of the model's first token.
+    progress_interval_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        le=60,
+        description="while a plan streams, the least time between two writes of a request's "
+        "progress (steps finished within it share a write)",
+    )
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("openai_api_key", "OPENAI_API_KEY")
     )

@@ -22,14 +22,17 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import effects, queries
+from planbus.accounting import ledger
 from planbus.db import ListenerState, connect_for_claims, listen_forever
 from planbus.effects import Outcome
-from planbus.errors import PermanentError, PlanningError, TransientError, one_line
+from planbus.errors import PermanentError, PlanningError, Throttled, TransientError, one_line
 from planbus.leases import Claim, Leases
 from planbus.logs import request_fields
 from planbus.metrics import WorkerMetrics
 from planbus.outcomes import report_outcome
 from planbus.planner import Planner
+from planbus.progress import ProgressWriter
+from planbus.provider_limits import ProviderLimits
 from planbus.retry import Backoff, RetryDecision, decide
 from planbus.settings import Settings
 
@@ -75,11 +78,15 @@ class Worker:
         # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
         self.leases = Leases(settings, pool, self.inflight, self.metrics)
+        self.limits = ProviderLimits(settings, pool)
+        self.limits.register(self.metrics.registry)
+        self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
         self._claims_conn: psycopg.AsyncConnection[Any] | None = None
         self._renew_claims_conn = False  # set after LISTEN reconnects: the server may be new
+        self._read_pause = True  # read the database's provider pause before the next claim
         self._stopping = False
         self._idle = anyio.Event()
         self._starting = anyio.CancelScope()
@@ -100,6 +107,7 @@ class Worker:
                 background.cancel_scope.cancel()
                 return
             await background.start(self.completions.run)
+            await background.start(self.progress.run)
             background.start_soon(self.leases.heartbeat_loop)
             # The sweep also catches pending rows that no notification announced.
             background.start_soon(self.leases.sweep_loop, self._on_notify)
@@ -125,7 +133,7 @@ class Worker:
     async def _claim_loop(self, requests: TaskGroup) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
         while not self._stopping:
-            free = self.settings.concurrency - len(self.inflight)
+            free = self.limits.allowed(len(self.inflight), time.monotonic())
             if free > 0 and self._due():
                 try:
                     claims = await self._claim(free)
@@ -144,9 +152,16 @@ class Worker:
                     # of n claims sends nothing until all n requests are built.
                     await anyio.lowlevel.checkpoint()
                 continue
-            # With every slot busy only a finished request (or stop) can make room.
-            timeout = math.inf if free <= 0 else max(0.0, self._next_due - time.monotonic())
-            await self._wakeup.wait(timeout)
+            await self._wakeup.wait(self._idle_timeout())
+
+    def _idle_timeout(self) -> float:
+        # With every slot busy only a finished request (or stop) can make room; a free slot
+        # waits for the provider's pause or spacing, and for the next retry to become due.
+        if self.limits.slots(len(self.inflight)) <= 0:
+            return math.inf
+        now = time.monotonic()
+        due = 0.0 if self._maybe_more else self._next_due - now
+        return max(0.0, self.limits.wait(now), due)
 
     def _due(self) -> bool:
         return self._maybe_more or time.monotonic() >= self._next_due
@@ -159,22 +174,27 @@ class Worker:
             await self._drop_claims_connection()
             self._renew_claims_conn = False
             conn = self._claims_conn = await connect_for_claims(self.pool)
+        granted = await self._grant(conn, limit)
+        if not granted:
+            return []
         cursor = conn.cursor(row_factory=dict_row)
         await cursor.execute(
             queries.CLAIM,
             {
                 "worker_id": self.worker_id,
                 "lease_seconds": self.settings.lease_seconds,
-                "limit": limit,
+                "limit": granted,
             },
         )
         rows = await cursor.fetchall()
         seconds = rows[0]["next_due_seconds"] if rows else None
         self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
         claims = [Claim.from_row(row) for row in rows if row["id"] is not None]
-        if len(claims) == limit:
+        if len(claims) == granted:
             self._maybe_more = True
+        await self.limits.refund(conn, granted - len(claims))
         for claim in claims:
+            self.limits.started(claim, time.monotonic())
             log.info(
                 "request %d lead %d claimed (attempt %d, waited %.1f ms)",
                 claim.id,
@@ -188,13 +208,29 @@ class Worker:
             self.metrics.claimed(claim.attempt, claim.waited_seconds)
         return claims
 
+    async def _grant(self, conn: psycopg.AsyncConnection[Any], wanted: int) -> int:
+        """How many calls the provider's limits allow now (all `wanted` when none applies)."""
+        if self._read_pause:  # a peer's pause may have been announced while LISTEN was down
+            self._read_pause = False
+            await self.limits.catch_up(conn)
+            if self.limits.allowed(len(self.inflight), time.monotonic()) <= 0:
+                self._maybe_more = True
+                return 0
+        granted = await self.limits.reserve(conn, wanted)
+        if granted < wanted:
+            self._maybe_more = True  # the ceiling, not the queue, held the claim back
+        return granted
+
     async def _drop_claims_connection(self) -> None:
         conn, self._claims_conn = self._claims_conn, None
         if conn is not None:
             with anyio.CancelScope(shield=True):
                 await conn.close()
 
-    def _on_notify(self) -> None:
+    def _on_notify(self, notify: psycopg.Notify | None = None) -> None:
+        if notify is not None and notify.channel == queries.PROVIDER_CHANNEL:
+            self.limits.paused_elsewhere(notify.payload)
+            return
         self._maybe_more = True
         self._wakeup.set()
 
@@ -205,6 +241,7 @@ class Worker:
             with anyio.move_on_after(self.settings.lease_seconds):
                 await self.pool.check()
             self._renew_claims_conn = True
+        self._read_pause = True
         self._on_notify()
 
     # -- processing ------------------------------------------------------------------------
@@ -218,20 +255,24 @@ class Worker:
                 if claim.lead is None:
                     missing = f"Lead {claim.lead_id} does not exist."
                     raise PermanentError(missing, kind="lead_missing")
-                plan = await self.planner.plan(claim.lead)
+                with (
+                    ledger(getattr(self.planner, "model", self.planner.name)) as claim.cost,
+                    self.progress.follow(claim.id, claim.token) as on_progress,
+                ):
+                    plan = await self.planner.plan(claim.lead, on_progress)
             except PlanningError as exc:
                 error = exc
             except Exception as exc:  # a planner bug must not take the worker down
                 log.exception("request %d: unexpected planner error", claim.id)
                 error = TransientError(f"Unexpected error while planning ({type(exc).__name__}).")
+        self.limits.answered(claim, error, len(self.inflight))
         if claim.lost:
             self._release(claim)
             self.metrics.finished("lost", time.monotonic() - claim.started, error)
             return
-        retry = None if error is None else self._decide(claim, error)
         claim.writing = True
         with anyio.CancelScope(shield=True):
-            outcome = await self._finish(claim, plan, error, retry)
+            outcome, error, retry = await self._finish(claim, plan, error)
         self._release(claim)
         report_outcome(claim, outcome, error, retry, self.metrics)
 
@@ -243,22 +284,33 @@ class Worker:
             self._idle.set()
 
     def _decide(self, claim: Claim, error: PlanningError) -> RetryDecision:
+        if isinstance(error, Throttled):  # flow control: patience, not attempts, ends it
+            return RetryDecision(final=False, delay=self.limits.return_delay(claim, error))
         return decide(
             error,
-            claim.attempt,
+            claim.spent_attempts,
             max_attempts=self.settings.max_attempts,
             base=self.settings.retry_base_seconds,
             cap=self.settings.retry_max_seconds,
         )
 
     async def _finish(
-        self, claim: Claim, plan: Any, error: PlanningError | None, retry: RetryDecision | None
-    ) -> Outcome:
+        self, claim: Claim, plan: Any, error: PlanningError | None
+    ) -> tuple[Outcome, PlanningError | None, RetryDecision | None]:
+        """Store the plan, or give the request back for a retry or fail it; what happened."""
         deadline = self.leases.write_deadline()
+        retry = None
         try:
-            if error is None or retry is None:
-                return await self.completions.complete(claim, plan, deadline)
-            return await effects.give_back(
+            if error is None:
+                try:
+                    return await self.completions.complete(claim, plan, deadline), None, None
+                except PlanningError as exc:  # the plan cannot be stored: invalid output
+                    error = exc
+            retry = self._decide(claim, error)
+            if isinstance(error, Throttled):
+                outcome = await self.limits.throttle_back(claim, error, retry.delay, deadline)
+                return outcome, error, retry
+            outcome = await effects.give_back(
                 self.pool,
                 claim,
                 error=error.message,
@@ -266,10 +318,11 @@ class Worker:
                 delay_seconds=retry.delay,
                 deadline=deadline,
             )
+            return outcome, error, retry
         except psycopg.Error as exc:
             # The claim stays `processing`; its lease lapses and the sweep hands it on.
             log.error("request %d: could not record its outcome (%s)", claim.id, one_line(exc))
-            return "lost"
+            return "lost", error, retry
 
     # -- shutdown ------------------------------------------------------------------------
 

@@ -1,0 +1,74 @@
+"""What one plan cost: the model that answered, its tokens, the time spent in the model.
+
+The worker opens a `ledger()` around each planning call; whichever planner answers notes what
+the provider reported into it (`note_answer`). A context variable carries the ledger, so the
+Planner protocol stays `plan(lead)`: each claimed request is planned in a task of its own, and
+a ledger is never shared between two requests. A completed request stores the ledger beside
+its plan in `result` (see `as_result`); /metrics counts the tokens by kind and model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class Cost:
+    """One request's last planning call, as the provider reported it."""
+
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    model_seconds: float = 0.0
+
+    def as_result(self) -> dict[str, Any]:
+        """The keys a completed request's `result` carries beside `plan` and `step_count`."""
+        result: dict[str, Any] = {
+            "model": self.model,
+            "model_seconds": round(self.model_seconds, 3),
+        }
+        if self.prompt_tokens is not None or self.completion_tokens is not None:
+            result["usage"] = {
+                "prompt_tokens": self.prompt_tokens or 0,
+                "completion_tokens": self.completion_tokens or 0,
+            }
+        return result
+
+
+_current: ContextVar[Cost | None] = ContextVar("planbus_cost", default=None)
+
+
+@contextmanager
+def ledger(model: str | None) -> Iterator[Cost]:
+    """A fresh ledger for the planning call made inside the block; `model` until one answers."""
+    cost = Cost(model=model)
+    token = _current.set(cost)
+    try:
+        yield cost
+    finally:
+        _current.reset(token)
+
+
+def note_answer(completion: Mapping[str, Any]) -> None:
+    """Record the model and `usage` of a Chat Completions answer (or its last streamed chunk)."""
+    cost = _current.get()
+    if cost is None:
+        return
+    model = completion.get("model")
+    if isinstance(model, str) and model:
+        cost.model = model[:200]
+    usage = completion.get("usage")
+    if isinstance(usage, Mapping):
+        cost.prompt_tokens = _count(usage.get("prompt_tokens"))
+        cost.completion_tokens = _count(usage.get("completion_tokens"))
+
+
+def _count(value: object) -> int | None:
+    # A hostile server may send anything here; only a plain non-negative integer counts.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None

@@ -1,0 +1,117 @@
+"""The pace of one worker's LLM calls: AIMD limit, spacing and pause, as a pure object."""
+
+from __future__ import annotations
+
+import pytest
+
+from planbus.pacing import Pace
+
+
+def test_a_new_pace_allows_the_configured_concurrency() -> None:
+    pace = Pace(ceiling=32)
+    assert pace.current_limit == 32
+    assert pace.allowed(inflight=0, now=0.0) == 32
+    assert pace.allowed(inflight=30, now=0.0) == 2
+    assert pace.allowed(inflight=40, now=0.0) == 0
+
+
+def test_a_throttled_call_cuts_the_limit_and_a_burst_of_refusals_counts_once() -> None:
+    pace = Pace(ceiling=32)
+    for _ in range(12):  # twelve calls started together, refused together
+        pace.throttled(started=0.0, retry_after=None, now=1.0)
+    assert pace.current_limit == 24
+    assert pace.throttled_calls == 12
+    # A call started after the cut and refused again is new evidence: cut again.
+    pace.throttled(started=1.5, retry_after=None, now=2.0)
+    assert pace.current_limit == 18
+
+
+def test_the_limit_never_drops_below_one() -> None:
+    pace = Pace(ceiling=4)
+    for second in range(20):
+        pace.throttled(started=float(second), retry_after=None, now=second + 0.5)
+    assert pace.current_limit == 1
+    assert pace.allowed(inflight=0, now=100.0) == 1
+
+
+def test_successes_grow_the_limit_by_one_per_limit_successes_up_to_the_ceiling() -> None:
+    pace = Pace(ceiling=6, limit=4)
+    for _ in range(3):
+        pace.succeeded(inflight=4)
+    assert pace.current_limit == 4
+    pace.succeeded(inflight=4)
+    assert pace.current_limit == 5
+    for _ in range(100):
+        pace.succeeded(inflight=6)
+    assert pace.current_limit == 6
+
+
+def test_an_unused_limit_does_not_grow() -> None:
+    pace = Pace(ceiling=32, limit=8)
+    for _ in range(100):
+        pace.succeeded(inflight=1)  # one call at a time says nothing about eight
+    assert pace.current_limit == 8
+
+
+def test_retry_after_pauses_every_new_call_until_it_ends() -> None:
+    pace = Pace(ceiling=8)
+    pace.throttled(started=0.0, retry_after=2.0, now=1.0)
+    assert pace.paused(1.5)
+    assert pace.allowed(inflight=0, now=2.9) == 0
+    assert pace.wait(2.0) == pytest.approx(1.0)
+    assert not pace.paused(3.0)
+    assert pace.allowed(inflight=0, now=3.0) >= 1
+    assert pace.paused_seconds == pytest.approx(2.0)
+
+
+def test_overlapping_pauses_count_their_union() -> None:
+    pace = Pace(ceiling=8)
+    pace.pause_until(5.0, now=1.0)
+    pace.pause_until(4.0, now=2.0)  # inside the first: nothing new
+    pace.pause_until(7.0, now=3.0)  # two more seconds
+    assert pace.paused_until == 7.0
+    assert pace.paused_seconds == pytest.approx(6.0)
+
+
+def test_after_a_rate_limit_calls_start_one_spacing_apart() -> None:
+    pace = Pace(ceiling=32)
+    # A token bucket that ran dry: "retry after 50 ms", one token's time.
+    pace.throttled(started=0.0, retry_after=0.05, now=0.0)
+    assert pace.allowed(inflight=0, now=0.05) == 1
+    pace.started(0.05)
+    assert pace.allowed(inflight=1, now=0.07) == 0
+    assert pace.wait(0.07) == pytest.approx(0.03)
+    assert pace.allowed(inflight=1, now=0.1) == 1
+
+
+def test_successes_narrow_the_spacing_until_calls_are_unpaced_again() -> None:
+    pace = Pace(ceiling=32)
+    pace.throttled(started=0.0, retry_after=0.05, now=0.0)
+    for _ in range(50):
+        pace.succeeded(inflight=1)
+    assert 0 < pace.spacing < 0.05
+    for _ in range(1000):
+        pace.succeeded(inflight=1)
+    assert pace.spacing == 0.0
+    assert pace.allowed(inflight=0, now=10.0) > 1
+
+
+def test_a_refusal_while_paced_widens_the_spacing() -> None:
+    pace = Pace(ceiling=32)
+    pace.throttled(started=0.0, retry_after=0.05, now=0.0)
+    pace.throttled(started=1.0, retry_after=0.01, now=1.0)
+    assert pace.spacing == pytest.approx(0.05 * 4 / 3)
+
+
+def test_a_burst_of_refusals_brings_the_limit_down_to_the_calls_that_got_through() -> None:
+    pace = Pace(ceiling=32)
+    # 32 calls in flight against 4 slots: 28 are refused at once, 4 are being answered.
+    for refused in range(28):
+        pace.throttled(started=0.0, retry_after=None, now=0.01, inflight=32 - refused)
+    assert pace.current_limit == 4
+
+
+def test_a_refusal_with_nothing_else_in_flight_leaves_one_call() -> None:
+    pace = Pace(ceiling=32)
+    pace.throttled(started=0.0, retry_after=None, now=1.0, inflight=1)
+    assert pace.current_limit == 1
