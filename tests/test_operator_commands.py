@@ -432,3 +432,34 @@ def test_migrate_on_a_fresh_embedded_server_says_it_applied_every_revision(
     assert str(data.resolve()) in done.stdout
     assert f"from an empty schema to {queries_head()}" in done.stdout
     assert not (data / "postmaster.pid").exists()  # the server it started is stopped again
+
+
+async def test_show_names_the_model_its_tokens_and_the_steps_so_far(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    leads = [await database.insert_lead() for _ in range(2)]
+    step = {"step_id": 1, "action_type": "linkedin_like", "description": "Like a post"}
+    cost = {"model": "gpt-4o-mini", "model_seconds": 1.5}
+    usage = {"prompt_tokens": 812, "completion_tokens": 301}
+    done = await insert_row(
+        database,
+        leads[0],
+        status="completed",
+        attempts=1,
+        result=Jsonb({"plan": [step], "step_count": 1, **cost, "usage": usage}),
+    )
+    planning = await insert_row(
+        database,
+        leads[1],
+        status="processing",
+        attempts=1,
+        claim_token=sql.SQL("gen_random_uuid()"),
+        progress=Jsonb({"steps": [step]}),
+    )
+    url = ["--database-url", database.url]
+
+    _, out, _ = await run(capsys, "show", str(done), *url)
+    assert "model:          gpt-4o-mini (812 prompt tokens, 301 completion tokens" in out
+
+    _, out, _ = await run(capsys, "show", str(planning), *url)
+    assert "plan so far: 1 step (still planning)" in out and "Like a post" in out

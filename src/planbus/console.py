@@ -109,10 +109,16 @@ def format_story(row: dict[str, Any], reminders: list[dict[str, Any]]) -> str:
         ("previous error", result.get("previous_error")),
     ):
         lines.append(f"  {label + ':':<15} {clean(error) if error else '-'}")
+    if result.get("model"):
+        lines.append(f"  {'model:':<15} {clean(result['model'])}{_usage(result)}")
     plan = result.get("plan")
+    progress = _mapping(row.get("progress"))
     if isinstance(plan, list):
         lines.append(f"plan: {plural(len(plan), 'step')}")
         lines.append(plan_table(plan, indent="  "))
+    elif isinstance(progress.get("steps"), list) and progress["steps"]:
+        lines.append(f"plan so far: {plural(len(progress['steps']), 'step')} (still planning)")
+        lines.append(plan_table(progress["steps"], indent="  "))
     lines.append(f"reminders: {len(reminders) if reminders else 'none'}")
     if reminders:
         rows = [
@@ -120,6 +126,20 @@ def format_story(row: dict[str, Any], reminders: list[dict[str, Any]]) -> str:
         ]
         lines.append(table(["step", "due", "status", "text"], rows, indent="  "))
     return "\n".join(lines)
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    """A JSON object read from the database, or an empty one for anything else."""
+    return value if isinstance(value, dict) else {}
+
+
+def _usage(result: dict[str, Any]) -> str:
+    usage = _mapping(result.get("usage"))
+    seconds = result.get("model_seconds")
+    parts = [f"{usage[k]} {k.split('_')[0]} tokens" for k in usage if isinstance(usage[k], int)]
+    if isinstance(seconds, int | float):
+        parts.append(f"{duration(seconds)} in the model")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def progress_line(row: dict[str, Any]) -> str:

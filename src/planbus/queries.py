@@ -434,7 +434,7 @@ DATA_DIRECTORY: LiteralString = "SELECT current_setting('data_directory')"
 REQUEST_STORY: LiteralString = """
 SELECT r.id, r.lead_id, r.telegram_id, r.status, r.attempts, r.result, r.last_error,
        r.worker_id, r.created_at, r.updated_at, r.run_after, r.claimed_at, r.finished_at,
-       r.lease_expires_at,
+       r.lease_expires_at, r.progress,
        extract(epoch FROM r.run_after - now())::float8 AS due_in_seconds,
        extract(epoch FROM r.finished_at - r.claimed_at)::float8 AS ran_seconds,
        l.prospect_name, l.prospect_company
