@@ -17,7 +17,7 @@ import re
 from sqlalchemy import text
 
 from alembic import op
-from planbus.adoption import quote
+from planbus.adoption import API_ROLES, quote, worker_roles
 from planbus.queries import EVENTS_CHANNEL
 
 revision = "0003_event_payload"
@@ -26,8 +26,6 @@ branch_labels = None
 depends_on = None
 
 SIGNATURE = "public.planbus_request_event(bigint, bigint, bigint, text)"
-# A managed platform's API roles: never the sender of an event (0004 closes the tables to them).
-API_ROLES = ("anon", "authenticated", "service_role")
 
 # A plain name: it is written into the function body as a string literal.
 assert re.fullmatch(r"[a-z_]+", EVENTS_CHANNEL), EVENTS_CHANNEL
@@ -43,15 +41,6 @@ $$;
 REVOKE ALL ON FUNCTION {SIGNATURE} FROM PUBLIC;
 """
 
-# Roles that may already update plan_requests besides its owner: a dedicated worker role set
-# up before this revision keeps working without a new grant.
-WRITERS = """
-SELECT DISTINCT a.grantee::regrole::text
-  FROM pg_class AS c, aclexplode(c.relacl) AS a
- WHERE c.oid = 'public.plan_requests'::regclass
-   AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
-"""
-
 
 def upgrade() -> None:
     op.execute(CREATE_FUNCTION)
@@ -60,9 +49,8 @@ def upgrade() -> None:
         # Managed platforms grant every new function to their API roles by default.
         if bind.execute(text("SELECT to_regrole(:r) IS NOT NULL"), {"r": role}).scalar():
             op.execute(f"REVOKE ALL ON FUNCTION {SIGNATURE} FROM {quote(role)}")
-    for role in bind.execute(text(WRITERS)).scalars():
-        if role.strip('"') not in API_ROLES:
-            op.execute(f"GRANT EXECUTE ON FUNCTION {SIGNATURE} TO {role}")
+    for role in worker_roles():
+        op.execute(f"GRANT EXECUTE ON FUNCTION {SIGNATURE} TO {role}")
 
 
 def downgrade() -> None:

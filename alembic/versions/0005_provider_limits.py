@@ -18,16 +18,14 @@ Revises: 0004_managed_privileges
 
 from __future__ import annotations
 
-from sqlalchemy import text
-
 from alembic import op
 from planbus.adoption import (
-    API_ROLES,
     close_to_api_roles,
     ensure_columns,
     forget,
     record,
     remove_added_columns_and_constraints,
+    worker_roles,
 )
 
 revision = "0005_provider_limits"
@@ -84,15 +82,6 @@ DROP TRIGGER IF EXISTS planbus_plan_requests_tma_provider ON plan_requests;
 DROP FUNCTION IF EXISTS public.planbus_refuse_tma_throttling();
 """
 
-# Roles that may already update plan_requests besides its owner (as 0003 finds them for the event
-# function): a dedicated worker role set up before this revision keeps working without a grant.
-WRITERS = """
-SELECT DISTINCT a.grantee::regrole::text
-  FROM pg_class AS c, aclexplode(c.relacl) AS a
- WHERE c.oid = 'public.plan_requests'::regclass
-   AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
-"""
-
 
 def upgrade() -> None:
     ensure_columns("plan_requests", PLAN_REQUEST_COLUMNS, revision)
@@ -100,9 +89,8 @@ def upgrade() -> None:
     op.execute(CREATE_TABLE)
     record("table", TABLE, TABLE, revision)
     close_to_api_roles(TABLE, revision)
-    for role in op.get_bind().execute(text(WRITERS)).scalars():
-        if role.strip('"') not in API_ROLES:
-            op.execute(f"GRANT SELECT, UPDATE ON {TABLE} TO {role}")
+    for role in worker_roles():
+        op.execute(f"GRANT SELECT, UPDATE ON {TABLE} TO {role}")
 
 
 def downgrade() -> None:

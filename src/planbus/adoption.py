@@ -297,6 +297,22 @@ def existing_roles(roles: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(role for role in roles if role in present)
 
 
+# Roles besides its owner that may update plan_requests: a dedicated worker role set up before a
+# revision that adds something the worker needs, which must keep working without a new grant.
+WORKERS = text("""
+SELECT DISTINCT a.grantee::regrole::text
+  FROM pg_class AS c, aclexplode(c.relacl) AS a
+ WHERE c.oid = 'public.plan_requests'::regclass
+   AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
+""")
+
+
+def worker_roles() -> list[str]:
+    """The quoted names of the roles that work plan_requests besides its owner, API roles aside."""
+    roles = op.get_bind().execute(WORKERS).scalars()
+    return [role for role in roles if role.strip('"') not in API_ROLES]
+
+
 def close_to_api_roles(table: str, revision: str, *, keep: tuple[str, ...] = ()) -> None:
     """Revoke everything PUBLIC and the API roles (but `keep`) hold on a table planbus created
     and on its id sequences, and turn row-level security on; recorded for the downgrade."""
