@@ -23,10 +23,14 @@ pytestmark = pytest.mark.anyio
 
 
 async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """`python -m planbus ARGV` in this process (its own event loop, in a thread)."""
+    """`python -m planbus ARGV` in this process (its own event loop, in a thread). The line
+    naming the database, which a command prints first, is taken off `out`."""
     code = await anyio.to_thread.run_sync(cli.main, list(argv))
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    out = captured.out
+    if out.startswith("database: "):
+        out = out.partition("\n")[2]
+    return code, out, captured.err
 
 
 async def insert_row(database: Database, lead: int, **columns: object) -> int:
@@ -189,6 +193,17 @@ async def test_retry_needs_ids_or_failed(capsys: pytest.CaptureFixture[str]) -> 
     assert "give request IDs or --failed" in capsys.readouterr().err
 
 
+async def test_retry_since_without_failed_names_the_real_problem(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["retry", "--since", "2h"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--since" in err and "needs --failed" in err
+    assert "not both" not in err
+
+
 async def test_request_wait_prints_the_plan_as_a_table(
     database: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -202,9 +217,9 @@ async def test_request_wait_prints_the_plan_as_a_table(
     assert (row["status"], row["telegram_id"]) == ("completed", 77)
     lines = out.splitlines()
     assert lines[0] == f"request {row['id']} created for lead {lead} (pending)"
-    assert lines[1] == f"request {row['id']} completed: 6 steps"
-    assert lines[2].split() == ["step", "day", "action", "text"]
-    assert lines[3].split()[:3] == ["1", "0", "linkedin_like"]
+    done = lines.index(f"request {row['id']} completed: 6 steps")
+    assert lines[done + 1].split() == ["step", "day", "action", "text"]
+    assert lines[done + 2].split()[:3] == ["1", "0", "linkedin_like"]
     assert "Hi Grace" in out
 
 
@@ -245,7 +260,7 @@ async def test_request_wait_exits_1_with_the_error_when_the_request_fails(
             capsys, "request", "--lead", str(lead), "--wait", "--database-url", database.url
         )
     assert code == 1
-    assert "failed after 1 attempts: The LLM credentials were refused." in out
+    assert "failed after 1 attempt: The LLM credentials were refused." in out
 
 
 async def test_request_wait_exits_3_when_no_worker_finishes_it_in_time(
@@ -277,6 +292,18 @@ async def test_demo_plans_three_sample_leads(
     assert out.count("linkedin_connect") == 3
     rows = await database.fetchall("SELECT status FROM plan_requests")
     assert [r["status"] for r in rows] == ["completed"] * 3
+
+
+async def test_demo_reuses_its_sample_leads_on_every_run(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(2):
+        code, _, err = await run(capsys, "demo", "--database-url", database.url)
+        assert code == 0, err
+    assert await database.value("SELECT count(*) FROM lead_registry") == 3
+    requests = await database.fetchall("SELECT lead_id, status FROM plan_requests")
+    assert len(requests) == 6 and len({r["lead_id"] for r in requests}) == 3
+    assert {r["status"] for r in requests} == {"completed"}
 
 
 async def test_demo_claims_on_its_own_database_whatever_the_environment_says(
@@ -325,6 +352,8 @@ def test_demo_runs_on_a_fresh_embedded_database(data_root: Path) -> None:
     data = data_root / "postgres"
     done = planbus("demo", env={"PLANBUS_DATA_DIR": str(data)})
     assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("database: 127.0.0.1:") and str(data.resolve()) in first
     assert done.stdout.count("linkedin_connect") == 3
     assert "planning: 3/3 done" in done.stdout
     # The server the demo started is stopped again: nothing is left running.

@@ -1,4 +1,4 @@
-"""`python -m planbus`: the operator commands (status, retry, request, demo)."""
+"""`python -m planbus`: the operator commands (see `python -m planbus --help`)."""
 
 import sys
 

@@ -1,103 +1,46 @@
-"""`python -m planbus status|retry|request|demo`: see and fix the bus without writing SQL.
+"""`python -m planbus` (also the `planbus` command): the flags, the help, and the exit codes.
 
-Exit codes, for scripts: 0 done; 1 the thing asked for did not happen (a request failed, an id
-was not retried, a lead does not exist); 2 bad usage or configuration (flags, database URL,
-unreachable or unmigrated database); 3 `request --wait` timed out before the request finished;
-141 the output pipe was closed early (`status | head`), as for a process killed by SIGPIPE.
+The commands themselves are in commands.py; the worker is `python -m planbus.listen`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import anyio
-from psycopg import errors
 
-from planbus import client, console, demo, embedded_command, logs, provider_limits, queries
-from planbus.client import connection, fetchall
+from planbus import __version__, commands, console, embedded_command, logs
+from planbus.commands import EXIT_OK, EXIT_USAGE
 from planbus.errors import ConfigurationError
 from planbus.settings import OneLineParser, Settings, load_settings
 
-log = logging.getLogger("planbus.cli")
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a process ended by SIGPIPE
-STATUSES = ("pending", "processing", "completed", "failed")
-LIST_LIMIT = 50
+EXIT_INTERRUPTED = 128 + 2  # Ctrl-C, as a shell reports SIGINT
 
 Handler = Callable[[Settings, argparse.Namespace], Awaitable[int]]
 
+DATABASE_HELP = (
+    "PostgreSQL to use, as a URL or conninfo string (default: PLANBUS_DATABASE_URL, else "
+    "DATABASE_URL, else the embedded server in PLANBUS_DATA_DIR)"
+)
+EPILOG = """Every command prints the database it uses first (host:port/dbname, or the embedded
+server's data folder); passwords are never shown.
 
-# -- status ----------------------------------------------------------------------------------
+Exit codes: 0 done; 1 not done (a request failed, an id was not retried or cancelled, a request
+or lead does not exist); 2 bad usage or configuration (flags, URL, database unreachable or not
+migrated); 3 `request --wait` timed out. The worker itself is `python -m planbus.listen`;
+docs/operations.md describes every command.
 
-
-async def status_command(settings: Settings, args: argparse.Namespace) -> int:
-    async with connection(settings) as conn:
-        counts = {status: 0 for status in STATUSES}
-        for row in await fetchall(conn, queries.STATUS_COUNTS):
-            counts[row["status"]] = row["count"]
-        oldest = await fetchall(conn, queries.STATUS_OLDEST_PENDING)
-        provider = await provider_limits.status_report(conn)
-        report = {
-            "counts": counts,
-            "oldest_pending": oldest[0] if oldest else None,
-            "processing": await fetchall(conn, queries.STATUS_PROCESSING, {"limit": LIST_LIMIT}),
-            "failed_last_hour": await fetchall(
-                conn, queries.STATUS_RECENT_FAILURES, {"limit": LIST_LIMIT}
-            ),
-            "provider": provider,
-        }
-    if args.json:
-        print(json.dumps(report, indent=2, default=console.json_value))
-    else:
-        print(console.format_status(report))
-        print("\n".join(provider_limits.status_lines(provider)))
-    return EXIT_OK
-
-
-# -- retry -----------------------------------------------------------------------------------
-
-
-async def retry_command(settings: Settings, args: argparse.Namespace) -> int:
-    ids = sorted(set(args.ids)) or None
-    params = {"ids": ids, "since_seconds": args.since}
-    async with connection(settings) as conn:
-        try:
-            retried = await fetchall(conn, queries.RETRY_FAILED, params)
-        except errors.UniqueViolation:
-            print("a lead got a new request meanwhile; nothing was retried, try again")
-            return EXIT_FAILED
-        left = [i for i in ids or [] if i not in {r["id"] for r in retried}]
-        found = await fetchall(conn, queries.REQUEST_STATUSES, {"ids": left}) if left else []
-    for row in retried:
-        print(f"request {row['id']} (lead {row['lead_id']}) is pending again")
-        print(f"  previous error: {row['last_error'] or '-'}")
-        log.info(
-            "request %d lead %d requeued by an operator",
-            row["id"],
-            row["lead_id"],
-            extra=logs.request_fields(row["id"], row["lead_id"], 0, "requeued", None),
-        )
-    statuses = {row["id"]: row["status"] for row in found}
-    for request_id in left:
-        status = statuses.get(request_id)
-        if status is None:
-            reason = "no such request"
-        elif status != "failed":
-            reason = f"it is {status}; only failed requests are retried"
-        else:
-            reason = "its lead already has a pending or processing request"
-        print(f"request {request_id} not retried: {reason}", file=sys.stderr)
-    if not retried and not left:
-        print("no failed requests to retry")
-    return EXIT_FAILED if left else EXIT_OK
+examples:
+  python -m planbus status --watch
+  python -m planbus show 42
+  python -m planbus retry --failed --since 2h
+  python -m planbus migrate"""
 
 
 def parse_duration(text: str) -> float:
@@ -109,88 +52,99 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * unit
 
 
-# -- request ---------------------------------------------------------------------------------
+class Subcommands:
+    """Adds one subcommand with its description, examples and the flags every command takes."""
 
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.actions = parser.add_subparsers(dest="command", metavar="COMMAND")
+        self.common = argparse.ArgumentParser(add_help=False)
+        logs.add_flags(self.common, default_level="WARNING")
 
-async def request_command(settings: Settings, args: argparse.Namespace) -> int:
-    async with connection(settings) as conn:
-        if args.wait:
-            # Before the insert, so the event cannot slip past between the two.
-            await client.listen_events(conn)
-        try:
-            request_id, status, new = await client.insert_request(conn, args.lead, args.telegram_id)
-        except LookupError as exc:
-            print(exc, file=sys.stderr)
-            return EXIT_FAILED
-        if new:
-            print(f"request {request_id} created for lead {args.lead} ({status})")
-        else:
-            print(f"lead {args.lead} already has request {request_id} ({status}); using it")
-        if not args.wait:
-            return EXIT_OK
-        row = await client.wait_for_request(conn, request_id, args.timeout)
-    return report_outcome(row, args.timeout)
-
-
-def report_outcome(row: dict[str, Any], timeout: float) -> int:
-    result = row["result"] or {}
-    if row["status"] == "completed":
-        plan = result.get("plan", [])
-        print(f"request {row['id']} completed: {len(plan)} steps")
-        print(console.plan_table(plan))
-        return EXIT_OK
-    if row["status"] == "failed":
-        print(f"request {row['id']} failed after {row['attempts']} attempts: {result.get('error')}")
-        return EXIT_FAILED
-    print(
-        f"request {row['id']} is still {row['status']} after {console.duration(timeout)}; "
-        "is a worker running? (python -m planbus.listen)",
-        file=sys.stderr,
-    )
-    return EXIT_TIMEOUT
-
-
-async def demo_command(settings: Settings, args: argparse.Namespace) -> int:
-    return EXIT_OK if await demo.run_demo(settings, args) else EXIT_FAILED
-
-
-# -- the command line ------------------------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        summary: str,
+        description: str,
+        *examples: str,
+        database_help: str = DATABASE_HELP,
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = self.actions.add_parser(
+            name,
+            parents=[self.common],
+            help=summary,
+            description=description,
+            epilog="examples:\n" + "\n".join(f"  python -m planbus {e}" for e in examples),
+            formatter_class=console.HelpFormatter,
+        )
+        sub.add_argument("--database-url", metavar="URL", help=database_help)
+        return sub
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--database-url",
-        help="PostgreSQL to use (default: PLANBUS_DATABASE_URL, DATABASE_URL, else the embedded "
-        "server in PLANBUS_DATA_DIR)",
-    )
-    logs.add_flags(common, default_level="WARNING")
     parser: argparse.ArgumentParser = OneLineParser(
         prog="python -m planbus",
-        description="Operate planbus: see the queue, retry failures, request and watch plans.",
-        epilog="Exit codes: 0 done; 1 a request failed, an id was not retried or a lead does "
-        "not exist; 2 bad usage or configuration; 3 timed out waiting. The worker itself is "
-        "`python -m planbus.listen`.",
+        description="Operate planbus: see the queue and one request's story, retry, cancel and "
+        "purge requests, request and watch plans, migrate the database, try a demo.",
+        epilog=EPILOG,
+        formatter_class=console.HelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"planbus {__version__}")
+    subcommands = Subcommands(parser)
+    for add in (_status, _show, _retry, _cancel, _purge, _request, _migrate, _demo):
+        add(subcommands)
+    embedded_command.add_command(subcommands.actions)
+    return parser
 
-    status = commands.add_parser(
+
+def _status(subcommands: Subcommands) -> None:
+    status = subcommands.add(
         "status",
-        parents=[common],
-        help="counts by status, oldest pending, claims in progress, recent failures",
-        description="Show counts by status, the oldest pending request, requests in "
+        "counts by status, oldest pending, claims in progress, recent failures",
+        "Show the database used, counts by status, the oldest pending request, requests in "
         "processing with their lease and worker, and failures of the last hour.",
+        "status",
+        "status --json | jq .counts",
+        "status --watch 5",
     )
     status.add_argument("--json", action="store_true", help="one JSON object, for machines")
-    status.set_defaults(handler=status_command)
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="show it again every SECONDS (default: 2) until Ctrl-C",
+    )
+    status.set_defaults(handler=commands.status_command)
 
-    retry = commands.add_parser(
+
+def _show(subcommands: Subcommands) -> None:
+    show = subcommands.add(
+        "show",
+        "one request's whole story",
+        "Show one request: status, attempts, errors (result.error, last_error, and the "
+        "previous error of a retried request), worker, timings (created, run after, claimed, "
+        "finished), its plan and the reminders it scheduled. Exits 1 when there is no such "
+        "request.",
+        "show 42",
+        "show 42 --json",
+    )
+    show.add_argument("id", type=int, metavar="ID", help="the request's id")
+    show.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    show.set_defaults(handler=commands.show_command)
+
+
+def _retry(subcommands: Subcommands) -> None:
+    retry = subcommands.add(
         "retry",
-        parents=[common],
-        help="put failed requests back to pending",
-        description="Put failed requests back to pending: due now, attempts reset, the previous "
-        "error kept in last_error and result.previous_error. A running worker picks them up "
-        "at once. Exits 1 when a given ID was not retried.",
+        "put failed requests back to pending",
+        "Put failed requests back to pending: due now, attempts reset, the previous error "
+        "kept in last_error and result.previous_error (and still shown by `show` after the "
+        "retry succeeds). A running worker picks them up at once. Exits 1 when a given ID was "
+        "not retried.",
+        "retry 17 18",
+        "retry --failed",
+        "retry --failed --since 2h",
     )
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="request ids to retry")
     retry.add_argument("--failed", action="store_true", help="retry every failed request")
@@ -198,38 +152,116 @@ def build_parser() -> argparse.ArgumentParser:
         "--since",
         type=parse_duration,
         metavar="DURATION",
-        help="with --failed: only those that failed within DURATION (e.g. 30m, 2h, 1d)",
+        help="with --failed: only those that failed within DURATION, e.g. 30m, 2h, 1d "
+        "(default: all)",
     )
-    retry.set_defaults(handler=retry_command)
+    retry.set_defaults(handler=commands.retry_command)
 
-    request = commands.add_parser(
-        "request",
-        parents=[common],
-        help="request a plan for a lead, as the Mini App does",
-        description="Insert a plan request for a lead as the Mini App does. If the lead already "
-        "has a pending or processing request, use that one. With --wait, print the plan "
-        "(exit 0), the error (exit 1), or give up after --timeout (exit 3).",
+
+def _cancel(subcommands: Subcommands) -> None:
+    cancel = subcommands.add(
+        "cancel",
+        "fail pending requests on purpose",
+        "Mark pending requests failed, with the error "
+        f'"{commands.CANCELLED_ERROR}", and send the plan_request_events event as for any '
+        "failure. A request a worker has already claimed is left to it. Exits 1 when a given "
+        "ID was not cancelled.",
+        "cancel 42",
+        "cancel 42 43 44",
     )
-    request.add_argument("--lead", type=int, required=True, metavar="ID")
+    cancel.add_argument("ids", nargs="+", type=int, metavar="ID", help="request ids to cancel")
+    cancel.set_defaults(handler=commands.cancel_command)
+
+
+def _purge(subcommands: Subcommands) -> None:
+    purge = subcommands.add(
+        "purge",
+        "delete finished requests older than a retention",
+        "Delete completed and failed requests that finished more than DURATION ago, in "
+        "batches. Pending and processing requests, leads and reminders are never touched. Run "
+        "it from cron to keep plan_requests small, e.g. daily with --older-than 30d.",
+        "purge --older-than 30d",
+        "purge --older-than 12h --dry-run",
+    )
+    purge.add_argument(
+        "--older-than",
+        type=parse_duration,
+        required=True,
+        metavar="DURATION",
+        help="retention: requests finished before now minus DURATION go (e.g. 30d, 12h); "
+        "required, there is no default",
+    )
+    purge.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    purge.set_defaults(handler=commands.purge_command)
+
+
+def _request(subcommands: Subcommands) -> None:
+    request = subcommands.add(
+        "request",
+        "request a plan for a lead, as the Mini App does",
+        "Insert a plan request for a lead as the Mini App does. If the lead already has a "
+        "pending or processing request, use that one. With --wait, show each change of status "
+        "(pending, processing, pending again after a failed attempt) and then the plan (exit "
+        "0), the error (exit 1), or give up after --timeout (exit 3).",
+        "request --lead 7",
+        "request --lead 7 --wait",
+        "request --lead 7 --telegram-id 123456 --wait --timeout 300",
+    )
+    request.add_argument("--lead", type=int, required=True, metavar="ID", help="the lead's id")
     request.add_argument(
         "--telegram-id", type=int, metavar="ID", help="requesting user (default: the lead's)"
     )
-    request.add_argument("--wait", action="store_true", help="wait for the outcome")
-    request.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
-    request.set_defaults(handler=request_command)
-
-    demo = commands.add_parser(
-        "demo",
-        parents=[common],
-        help="plan three sample leads on the embedded database",
-        description="Start the embedded PostgreSQL (or use an explicit --database-url; the "
-        "environment's is ignored), add three sample leads, request their plans, run a worker "
-        "in this process until they are done, and print the plans.",
+    request.add_argument("--wait", action="store_true", help="follow the request to its end")
+    request.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --wait: how long to wait (default: 60)",
     )
-    demo.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
-    demo.set_defaults(handler=demo_command)
-    embedded_command.add_command(commands)
-    return parser
+    request.set_defaults(handler=commands.request_command)
+
+
+def _migrate(subcommands: Subcommands) -> None:
+    migrate = subcommands.add(
+        "migrate",
+        "apply the database migrations (alembic upgrade), from any folder",
+        "Apply the same alembic revisions as `alembic upgrade head` from the checkout, from "
+        "any folder and from an installed wheel (the revisions ship inside the package), and "
+        "say which were applied. A revision behind the database's is refused: downgrades are "
+        "`alembic downgrade` from the checkout.",
+        "migrate",
+        "migrate --to 0003_event_payload",
+        "migrate --database-url postgresql://planbus@db.internal:5432/app",
+    )
+    migrate.add_argument(
+        "--to", default="head", metavar="REV", help="the revision to reach (default: head)"
+    )
+    migrate.set_defaults(handler=commands.migrate_command)
+
+
+def _demo(subcommands: Subcommands) -> None:
+    demo = subcommands.add(
+        "demo",
+        "plan three sample leads on the embedded database",
+        "Run on the embedded PostgreSQL in PLANBUS_DATA_DIR (default .planbus/postgres), "
+        "never on the database PLANBUS_DATABASE_URL or DATABASE_URL names: sample leads do "
+        "not belong in a real database. Only an explicit --database-url points it elsewhere. "
+        "It adds three sample leads (once: later runs reuse them), requests their plans, runs "
+        "a worker in this process until they are done, and prints the plans.",
+        "demo",
+        "demo --timeout 300",
+        database_help="PostgreSQL to use instead of the embedded server (the environment's "
+        "database URL is ignored)",
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long the plans may take (default: 120)",
+    )
+    demo.set_defaults(handler=commands.demo_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,10 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if args.command == "retry" and args.since is not None and not args.failed:
+        parser.error(
+            "retry: --since chooses among all failed requests, so it needs --failed "
+            "(e.g. retry --failed --since 2h); IDs are retried whenever they failed"
+        )
     if args.command == "retry" and bool(args.ids) == args.failed:
         parser.error("retry: give request IDs or --failed (not both)")
-    if args.command == "retry" and args.since is not None and not args.failed:
-        parser.error("retry: --since goes with --failed")
     # Under a host that set up logging already (pytest, an embedding program) leave it be.
     if not logging.getLogger().handlers:
         logs.configure(args.log_format, args.log_level)
@@ -252,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"planbus: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C is how `status --watch` ends: a normal stop, not a failure.
+        watching = args.command == "status" and args.watch is not None
+        return EXIT_OK if watching else EXIT_INTERRUPTED
     except Exception as exc:
         if not _broken_pipe(exc):
             raise

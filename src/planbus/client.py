@@ -1,4 +1,4 @@
-"""The bus seen from outside the worker: connect, insert a request, read it, wait for its event.
+"""The bus seen from outside the worker: connect, name the database, insert, read, follow.
 
 What the operator commands and the demo share; it prints nothing (console.py renders).
 """
@@ -16,12 +16,16 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import db, logs, queries, runtime
+from planbus import db, logs, provider_limits, queries, runtime
+from planbus.errors import ConfigurationError, one_line
 from planbus.settings import Settings
 
 log = logging.getLogger("planbus.cli")
 
 TERMINAL = ("completed", "failed")
+STATUSES = ("pending", "processing", "completed", "failed")
+LIST_LIMIT = 50
+POLL_SECONDS = 0.25  # how often a waiting command reads a request whose status may change
 
 
 class RequestEvent(BaseModel):
@@ -36,10 +40,7 @@ async def connection(settings: Settings) -> AsyncIterator[psycopg.AsyncConnectio
     """An autocommit connection to the configured database, or to the embedded server."""
     async with AsyncExitStack() as stack:
         dsn = await stack.enter_async_context(database(settings))
-        conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, application_name="planbus-cli"
-        )
-        async with conn:
+        async with await connect(dsn) as conn:
             yield conn
 
 
@@ -53,12 +54,60 @@ async def database(settings: Settings) -> AsyncIterator[str]:
         yield dsn
 
 
+async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection, or ConfigurationError in one line (password masked)."""
+    try:
+        return await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, connect_timeout=10, application_name="planbus-cli"
+        )
+    except psycopg.Error as exc:
+        raise ConfigurationError(
+            f"cannot connect to the database at {db.redact(dsn)}: {one_line(exc)}"
+        ) from None
+
+
+async def schema_revision(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """The alembic revision the database is at; None when it was never migrated."""
+    try:
+        rows = await fetchall(conn, queries.SCHEMA_REVISION)
+    except errors.UndefinedTable:
+        return None
+    return rows[0]["version_num"] if rows else None
+
+
 async def fetchall(
     conn: psycopg.AsyncConnection[Any], query: LiteralString, params: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     cursor = conn.cursor(row_factory=dict_row)
     await cursor.execute(query, params)
     return await cursor.fetchall()
+
+
+async def describe(conn: psycopg.AsyncConnection[Any], settings: Settings) -> str:
+    """host:port/dbname of `conn` (never a password), and the data folder when embedded."""
+    info = conn.info
+    where = f"{info.host}:{info.port}/{info.dbname}"
+    if settings.database_url is None:
+        (row,) = await fetchall(conn, queries.DATA_DIRECTORY)
+        where += f" (embedded PostgreSQL, data folder {row['current_setting']})"
+    return where
+
+
+async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+    """Counts by status, the oldest pending request, claims in progress, the last hour's
+    failures, the LLM provider's pause and tokens."""
+    counts = {status: 0 for status in STATUSES}
+    for row in await fetchall(conn, queries.STATUS_COUNTS):
+        counts[row["status"]] = row["count"]
+    oldest = await fetchall(conn, queries.STATUS_OLDEST_PENDING)
+    limit = {"limit": LIST_LIMIT}
+    return {
+        "counts": counts,
+        "oldest_pending": oldest[0] if oldest else None,
+        "processing": await fetchall(conn, queries.STATUS_PROCESSING, limit),
+        "failed_last_hour": await fetchall(conn, queries.STATUS_RECENT_FAILURES, limit),
+        "provider": await provider_limits.status_report(conn),
+    }
 
 
 async def listen_events(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -95,25 +144,30 @@ async def insert_request(
     raise LookupError(f"lead {lead_id}: could not create or find an active request")
 
 
-async def wait_for_request(
+async def follow_request(
     conn: psycopg.AsyncConnection[Any], request_id: int, within: float
-) -> dict[str, Any]:
-    """Wait on `plan_request_events` until the request ends or `within` seconds pass."""
+) -> AsyncIterator[dict[str, Any]]:
+    """The request's row now and at every change of status or attempt, until it ends or
+    `within` seconds pass. Needs `listen_events(conn)` first."""
     deadline = anyio.current_time() + within
     row = await request_row(conn, request_id)
+    yield row
     while row["status"] not in TERMINAL:
         remaining = deadline - anyio.current_time()
         if remaining <= 0:
-            break
-        async for notify in conn.notifies(timeout=remaining):
+            return
+        # The end comes as an event; a claim or a retry sends none, so look every so often.
+        async for notify in conn.notifies(timeout=min(remaining, POLL_SECONDS)):
             if event_id(notify.payload) == request_id:
                 break
-        row = await request_row(conn, request_id)
-    return row
+        seen, row = row, await request_row(conn, request_id)
+        if (row["status"], row["attempts"]) != (seen["status"], seen["attempts"]):
+            yield row
 
 
 async def request_row(conn: psycopg.AsyncConnection[Any], request_id: int) -> dict[str, Any]:
-    rows = await fetchall(conn, queries.REQUEST_ROW, {"id": request_id})
+    """The request with its timings and lead, or a failed stand-in when it no longer exists."""
+    rows = await fetchall(conn, queries.REQUEST_STORY, {"id": request_id})
     if rows:
         return rows[0]
     # The lead was deleted and the request with it (ON DELETE CASCADE).

@@ -1,4 +1,7 @@
-"""`python -m planbus demo`: three sample leads planned on the embedded database, live."""
+"""`python -m planbus demo`: three sample leads planned on the embedded database, live.
+
+The sample leads are made once and reused by every later run.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from planbus import client, console, db, queries, runtime
+from planbus import client, console, queries, runtime
 from planbus.settings import Settings
 from planbus.worker import Worker
 
@@ -47,14 +50,13 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
     settings = settings.model_copy(update={"database_url": args.database_url})
     async with AsyncExitStack() as stack:
         dsn = await stack.enter_async_context(client.database(settings))
-        print(f"demo database: {db.redact(dsn)}")
+        conn = await stack.enter_async_context(await client.connect(dsn))
+        print(f"database: {console.clean(await client.describe(conn, settings))}")
         print(f"planner: {settings.resolved_planner}")
         worker_settings = settings.model_copy(
             update={"database_url": dsn, "work_database_url": None}
         )
         worker = await stack.enter_async_context(runtime.open_worker(worker_settings))
-        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        await stack.enter_async_context(conn)
         await client.listen_events(conn)
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
@@ -69,7 +71,8 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
         if row["status"] == "completed":
             print(console.plan_table(result.get("plan", []), indent="  "))
         else:
-            print(f"  {row['status']}: {result.get('error', 'did not finish in time')}")
+            error = console.clean(result.get("error", "did not finish in time"))
+            print(f"  {row['status']}: {error}")
         print()
     if args.database_url is None:
         print("Next: `python -m planbus.listen` runs a worker on this database; then")
@@ -79,7 +82,7 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
 
 async def _demo_request(conn: psycopg.AsyncConnection[Any], lead: dict[str, str]) -> int:
     (row,) = await client.fetchall(
-        conn, queries.INSERT_DEMO_LEAD, {"telegram_id": DEMO_TELEGRAM_ID, **lead}
+        conn, queries.DEMO_LEAD, {"telegram_id": DEMO_TELEGRAM_ID, **lead}
     )
     request_id, _, _ = await client.insert_request(conn, row["id"], None)
     return request_id

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from planbus import logs
+from planbus import console, logs
 from planbus.embedded import EmbeddedPostgres, ServerStatus
 from planbus.settings import Settings
 
@@ -27,8 +27,12 @@ def add_command(commands: argparse._SubParsersAction[Any]) -> None:
         "(arguments after -- go to psql; the server is started for the while if it was not "
         "running). stop: stop it; the last process that uses it stops it anyway, so this is for "
         "a server left behind by a process that was killed.",
+        epilog="examples:\n  python -m planbus embedded status\n"
+        "  python -m planbus embedded psql -- -c 'SELECT count(*) FROM plan_requests'\n"
+        "  python -m planbus embedded stop",
+        formatter_class=console.HelpFormatter,
     )
-    parser.add_argument("action", choices=["status", "psql", "stop"])
+    parser.add_argument("action", choices=["status", "psql", "stop"], help="what to do (see above)")
     parser.add_argument("psql_args", nargs="*", metavar="PSQL_ARG", help=argparse.SUPPRESS)
     parser.add_argument(
         "--data-dir",

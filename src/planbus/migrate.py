@@ -6,9 +6,10 @@ from pathlib import Path
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from alembic import command
-from planbus.errors import ConfigurationError
+from planbus.errors import ConfigurationError, one_line
 
 # The session advisory lock alembic/env.py holds while it migrates a database ("planbus" in
 # ASCII), so two `alembic upgrade head` at once run one after the other.
@@ -33,9 +34,26 @@ def alembic_config(dsn: str) -> Config:
     return config
 
 
-def upgrade(dsn: str) -> None:
-    """`alembic upgrade head` against `dsn`."""
-    command.upgrade(alembic_config(dsn), "head")
+def upgrade(dsn: str, target: str = "head", current: str | None = None) -> None:
+    """`alembic upgrade <target>` against `dsn`, which stands at `current`; a target that is
+    unknown or behind `current` raises ConfigurationError (downgrades are never implicit)."""
+    if current is not None and target in revisions_between(None, current)[:-1]:
+        raise ConfigurationError(
+            f"the database is at {current}, past {target}; to go back, run "
+            f"`alembic downgrade {target}` from the repository checkout"
+        )
+    try:
+        command.upgrade(alembic_config(dsn), target)
+    except CommandError as exc:
+        raise ConfigurationError(f"cannot migrate to {target!r}: {one_line(exc)}") from None
+
+
+def revisions_between(older: str | None, newer: str) -> list[str]:
+    """The revisions an upgrade from `older` (None: an empty schema) to `newer` applies, in
+    the order it applies them."""
+    script = ScriptDirectory(str(script_location()))
+    steps = script.iterate_revisions(newer, older or "base")
+    return [revision.revision for revision in reversed(list(steps))]
 
 
 def downgrade(dsn: str, target: str = "base") -> None:

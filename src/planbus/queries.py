@@ -82,11 +82,14 @@ WITH input AS (
 ), done AS (
     UPDATE plan_requests AS r
        SET status = 'completed',
+           -- A request an operator retried keeps the error it was retried from.
            result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan),
                                        'throttled_calls', r.throttled_claims)
-                    || coalesce(i.cost, '{}'),
+                    || coalesce(i.cost, '{}')
+                    || jsonb_strip_nulls(jsonb_build_object(
+                           'previous_error', r.result -> 'previous_error')),
            progress = NULL,
-           last_error = NULL,
+           last_error = r.result ->> 'previous_error',
            claim_token = NULL,
            lease_expires_at = NULL,
            finished_at = now(),
@@ -128,7 +131,10 @@ WITH given AS (
     UPDATE plan_requests
        SET status = %(status)s::text,
            result = CASE WHEN %(status)s::text = 'failed'
-                         THEN jsonb_build_object('error', %(error)s::text) ELSE result END,
+                         THEN jsonb_build_object('error', %(error)s::text)
+                              || jsonb_strip_nulls(jsonb_build_object(
+                                     'previous_error', result -> 'previous_error'))
+                         ELSE result END,
            progress = NULL,
            last_error = %(error)s::text,
            throttled_since = NULL,
@@ -169,7 +175,10 @@ WITH expired AS (
     UPDATE plan_requests AS r
        SET status = CASE WHEN expired.spent THEN 'failed' ELSE 'pending' END,
            result = CASE WHEN expired.spent
-                         THEN jsonb_build_object('error', %(lost_error)s::text) ELSE r.result END,
+                         THEN jsonb_build_object('error', %(lost_error)s::text)
+                              || jsonb_strip_nulls(jsonb_build_object(
+                                     'previous_error', r.result -> 'previous_error'))
+                         ELSE r.result END,
            progress = NULL,
            last_error = %(lost_error)s::text,
            claim_token = NULL,
@@ -415,17 +424,94 @@ SELECT id, status FROM plan_requests
  LIMIT 1
 """
 
-REQUEST_ROW: LiteralString = """
-SELECT id, lead_id, telegram_id, status, attempts, result
-  FROM plan_requests
- WHERE id = %(id)s
+
+# -- operator commands (cli) --
+
+# The embedded server's data folder, named by the operator commands (superuser only).
+DATA_DIRECTORY: LiteralString = "SELECT current_setting('data_directory')"
+
+# One request's whole story for `show` and `request --wait`: the row, its timings, its lead.
+REQUEST_STORY: LiteralString = """
+SELECT r.id, r.lead_id, r.telegram_id, r.status, r.attempts, r.result, r.last_error,
+       r.worker_id, r.created_at, r.updated_at, r.run_after, r.claimed_at, r.finished_at,
+       r.lease_expires_at, r.progress,
+       extract(epoch FROM r.run_after - now())::float8 AS due_in_seconds,
+       extract(epoch FROM r.finished_at - r.claimed_at)::float8 AS ran_seconds,
+       l.prospect_name, l.prospect_company
+  FROM plan_requests AS r
+  LEFT JOIN lead_registry AS l ON l.id = r.lead_id
+ WHERE r.id = %(id)s
 """
 
-INSERT_DEMO_LEAD: LiteralString = """
-INSERT INTO lead_registry (telegram_id, prospect_name, prospect_title, prospect_company,
-                           prospect_analysis, closing_strategy)
-VALUES (%(telegram_id)s, %(name)s, %(title)s, %(company)s, %(analysis)s, %(strategy)s)
-RETURNING id
+# The reminders a completed request scheduled: same lead, and due exactly its step's delay after
+# the completion (one transaction, one now()), whatever the reminder's status is now.
+REQUEST_REMINDERS: LiteralString = """
+SELECT s.id, s.step_id, s.due_at, s.status, s.draft_text
+  FROM plan_requests AS r
+ CROSS JOIN jsonb_to_recordset(r.result -> 'plan') AS p (step_id integer, delay_days integer)
+  JOIN scheduled_reminders AS s
+    ON s.lead_id = r.lead_id AND s.step_id = p.step_id
+   AND s.due_at = r.finished_at + make_interval(days => p.delay_days)
+ WHERE r.id = %(id)s AND r.status = 'completed' AND jsonb_typeof(r.result -> 'plan') = 'array'
+ ORDER BY s.step_id, s.id
+"""
+
+# Retention: finished requests that ended before the cut-off go, a batch at a time so no
+# statement holds many row locks for long. Reminders belong to the lead and stay.
+PURGE_FINISHED: LiteralString = """
+WITH old AS (
+    SELECT id FROM plan_requests
+     WHERE status IN ('completed', 'failed')
+       AND coalesce(finished_at, updated_at) < now() - make_interval(secs => %(older_than)s)
+     ORDER BY id
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM plan_requests AS r USING old WHERE r.id = old.id
+"""
+
+COUNT_FINISHED_BEFORE: LiteralString = """
+SELECT count(*) AS count FROM plan_requests
+ WHERE status IN ('completed', 'failed')
+   AND coalesce(finished_at, updated_at) < now() - make_interval(secs => %(older_than)s)
+"""
+
+# The demo's sample lead: the one a previous demo run made, else a new one.
+DEMO_LEAD: LiteralString = """
+WITH found AS (
+    SELECT id FROM lead_registry
+     WHERE telegram_id = %(telegram_id)s AND prospect_name = %(name)s
+       AND prospect_company = %(company)s
+     ORDER BY id
+     LIMIT 1
+), made AS (
+    INSERT INTO lead_registry (telegram_id, prospect_name, prospect_title, prospect_company,
+                               prospect_analysis, closing_strategy)
+    SELECT %(telegram_id)s, %(name)s, %(title)s, %(company)s, %(analysis)s, %(strategy)s
+     WHERE NOT EXISTS (SELECT 1 FROM found)
+    RETURNING id
+)
+SELECT id FROM found UNION ALL SELECT id FROM made
+"""
+
+# `cancel`: pending requests become `failed` with the operator's sentence, and the event every
+# transition to `failed` sends. A claimed request is not touched (its worker owns it).
+CANCEL_PENDING: LiteralString = """
+WITH cancelled AS (
+    UPDATE plan_requests
+       SET status = 'failed',
+           result = jsonb_build_object('error', %(error)s::text)
+                    || jsonb_strip_nulls(jsonb_build_object(
+                           'previous_error', result -> 'previous_error')),
+           last_error = %(error)s::text,
+           finished_at = now(),
+           updated_at = now()
+     WHERE id = ANY (%(ids)s::bigint[]) AND status = 'pending'
+ RETURNING id, lead_id, telegram_id, status
+)
+SELECT id, lead_id, public.planbus_request_event(id, lead_id, telegram_id, status)
+  FROM cancelled
+ ORDER BY id
 """
 
 # /healthz: the database answers at all.

@@ -33,13 +33,20 @@ async def database_url(settings: Settings, stack: AsyncExitStack) -> str:
 
 def start_embedded(settings: Settings, stack: AsyncExitStack) -> str:
     """The newcomer default: a local server in `settings.data_dir`, migrated to head."""
+    dsn = join_embedded(settings, stack)
+    migrate.upgrade(dsn)
+    log.info("embedded PostgreSQL ready; connect with: psql '%s'", dsn)
+    return dsn
+
+
+def join_embedded(settings: Settings, stack: AsyncExitStack) -> str:
+    """The local server in `settings.data_dir` as it is (`migrate` upgrades it itself), left
+    when `stack` closes."""
     server = EmbeddedPostgres(settings.data_dir)
     dsn = server.start()
     if server.owned:
         stack.callback(server.stop)
     log.info("embedded PostgreSQL data folder: %s", server.data_dir)
-    migrate.upgrade(dsn)
-    log.info("embedded PostgreSQL ready; connect with: psql '%s'", dsn)
     return dsn
 
 
