@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from planbus.pacing import Pace
+from planbus.provider_limits import ProviderLimits
+from planbus.settings import load_settings
 
 
 def test_a_new_pace_allows_the_configured_concurrency() -> None:
@@ -115,3 +119,13 @@ def test_a_refusal_with_nothing_else_in_flight_leaves_one_call() -> None:
     pace = Pace(ceiling=32)
     pace.throttled(started=0.0, retry_after=None, now=1.0, inflight=1)
     assert pace.current_limit == 1
+
+
+def test_a_peers_pause_never_exceeds_the_patience_even_with_its_jitter() -> None:
+    settings = load_settings(
+        {"database_url": "postgresql:///unused", "throttle_patience_seconds": 60}
+    )
+    limits = ProviderLimits(settings, pool=None)  # type: ignore[arg-type]  # never touched here
+    for _ in range(50):
+        limits.paused_elsewhere("60")
+        assert limits.pace.paused_until <= time.monotonic() + 60.0
