@@ -1,13 +1,19 @@
-"""THROTTLE_BACK on a real PostgreSQL: fenced by the claim, its pause included."""
+"""The fenced ends of a claim on a real PostgreSQL: THROTTLE_BACK's pause, what GIVE_BACK stores."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
+from planbus.effects import give_back
+from planbus.errors import MAX_ERROR_CHARS
+from planbus.leases import Claim
+from planbus.plan import LeadId, RequestId
 from tests.helpers import Database
 
 pytestmark = pytest.mark.anyio
@@ -55,3 +61,26 @@ async def test_a_throttled_claim_pauses_and_clears_its_progress(database: Databa
     row = await database.request(request_id)
     assert row["progress"] is None
     assert row["claim_token"] is None
+
+
+async def test_an_error_given_back_is_stored_on_one_bounded_line(database: Database) -> None:
+    token = uuid.uuid4()
+    request_id = await claimed(database, token)
+    claim = Claim(
+        id=RequestId(request_id),
+        lead_id=LeadId(0),
+        telegram_id=42,
+        attempt=1,
+        token=token,
+        waited_seconds=0.0,
+        lead=None,
+    )
+    error = "first line\n\tsecond line " + "y" * 10_000
+    async with AsyncConnectionPool(database.url, min_size=1) as pool:
+        outcome = await give_back(
+            pool, claim, error=error, final=True, delay_seconds=0, deadline=time.monotonic() + 10
+        )
+    assert outcome == "failed"
+    stored = (await database.request(request_id))["result"]["error"]
+    assert stored.startswith("first line second line yyy")
+    assert len(stored) <= MAX_ERROR_CHARS and stored.endswith("…")
