@@ -175,6 +175,9 @@ class Worker:
             self._renew_claims_conn = False
             conn = self._claims_conn = await connect_for_claims(self.pool)
         granted = await self._grant(conn, limit)
+        if self._stopping:  # stopped while connecting or granted: a row inserted since stays
+            await self.limits.refund(conn, granted)
+            return []
         if not granted:
             return []
         cursor = conn.cursor(row_factory=dict_row)
