@@ -6,7 +6,10 @@ import anyio
 import psycopg
 import pytest
 
-from tests.helpers import Database, running_worker
+from planbus.plan import Lead, Plan
+from planbus.planner import TemplatePlanner
+from planbus.streaming import ProgressCallback
+from tests.helpers import Database, eventually, running_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -37,3 +40,33 @@ async def test_a_claim_granted_after_stop_claims_nothing(database: Database) -> 
             await holder.rollback()  # the grant goes through: the claim must not
     row = await database.request(request_id)
     assert (row["status"], row["attempts"]) == ("pending", 0)
+
+
+class HangingPlanner(TemplatePlanner):
+    """Never answers: the request is still held when the worker stops."""
+
+    async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+REFUSE_HAND_BACK = """
+CREATE FUNCTION refuse_hand_back() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'hand back refused by the test';
+END $$;
+CREATE TRIGGER refuse_hand_back BEFORE UPDATE ON plan_requests FOR EACH ROW
+  WHEN (OLD.status = 'processing' AND NEW.status = 'pending') EXECUTE FUNCTION refuse_hand_back();
+"""
+
+
+async def test_a_hand_back_the_database_refuses_leaves_the_claim_to_the_sweep(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    request_id = await database.insert_request(await database.insert_lead())
+    async with running_worker(database.url, HangingPlanner(), shutdown_grace_seconds=0) as worker:
+        await eventually(lambda: bool(worker.inflight), 10, "the request to be claimed")
+        await database.conn.execute(REFUSE_HAND_BACK)
+    # The worker stopped without raising; the claim waits for the sweep.
+    assert (await database.request(request_id))["status"] == "processing"
+    assert "could not hand back 1 requests" in caplog.text
