@@ -281,8 +281,10 @@ class Worker:
 
     def _release(self, claim: Claim) -> None:
         self.inflight.pop(claim.id, None)
-        if self._due():
-            self._wakeup.set()  # a slot is free and there may be work for it
+        # A slot is free: the loop recomputes its wait, which was endless while every slot was
+        # busy, even when nothing is due yet (a backed-off retry then waits for its due time,
+        # not for the next sweep).
+        self._wakeup.set()
         if self._stopping and not self.inflight:
             self._idle.set()
 
