@@ -137,3 +137,19 @@ async def test_a_plan_the_database_cannot_store_fails_only_its_own_request(
         assert row["attempts"] == 2  # retried like any invalid output, then failed
         assert row["result"]["error"].startswith(f"{INVALID_OUTPUT}: the plan could not be stored")
         assert await database.reminders(lead, "pending") == []
+
+
+async def test_a_models_own_key_makes_a_one_line_bounded_error(
+    database: Database, llm: FakeLLM, tmp_path: Path
+) -> None:
+    steps = template_steps(Lead(id=1, telegram_id=1, prospect_name="Ada"))  # type: ignore[arg-type]
+    llm.script(Reply(content=json.dumps({"steps": steps, "evil\nkey " + "x" * 200_000: 1})))
+    async with Fleet(database.url, tmp_path, llm.base_url) as fleet:
+        await fleet.start(env={"PLANBUS_MAX_ATTEMPTS": "1"})
+        request_id = await database.insert_request(await database.insert_lead())
+        row = await database.wait_for(request_id)
+    assert row["status"] == "failed"
+    error = row["result"]["error"]
+    assert error.startswith(f"{INVALID_OUTPUT}: evil key xxx"), error
+    assert "\n" not in error and len(error) <= 300, error
+    assert "Extra inputs are not permitted" in error

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from planbus.pacing import Pace
+from planbus.pacing import MAX_SPACING, Pace
+from planbus.provider_limits import ProviderLimits
+from planbus.settings import load_settings
 
 
 def test_a_new_pace_allows_the_configured_concurrency() -> None:
@@ -115,3 +119,39 @@ def test_a_refusal_with_nothing_else_in_flight_leaves_one_call() -> None:
     pace = Pace(ceiling=32)
     pace.throttled(started=0.0, retry_after=None, now=1.0, inflight=1)
     assert pace.current_limit == 1
+
+
+def test_a_peers_pause_never_exceeds_the_patience_even_with_its_jitter() -> None:
+    settings = load_settings(
+        {"database_url": "postgresql:///unused", "throttle_patience_seconds": 60}
+    )
+    limits = ProviderLimits(settings, pool=None)  # type: ignore[arg-type]  # never touched here
+    for _ in range(50):
+        limits.paused_elsewhere("60")
+        assert limits.pace.paused_until <= time.monotonic() + 60.0
+
+
+def test_a_long_retry_after_pauses_but_never_becomes_the_spacing() -> None:
+    pace = Pace(ceiling=32)
+    pace.throttled(started=0.0, retry_after=600.0, now=0.0)  # the patience: a pause, not a pace
+    assert pace.paused(599.0)
+    assert pace.spacing <= MAX_SPACING
+    pace.throttled(started=1.0, retry_after=0.05, now=1.0)
+    pace.throttled(started=2.0, retry_after=600.0, now=2.0)
+    assert pace.spacing <= MAX_SPACING
+
+
+def test_the_spacing_never_grows_past_its_cap() -> None:
+    pace = Pace(ceiling=32)
+    for second in range(100):
+        pace.throttled(started=float(second), retry_after=0.5, now=second + 0.5)
+    assert pace.spacing == MAX_SPACING
+
+
+def test_the_spacing_decays_with_time_without_successes() -> None:
+    pace = Pace(ceiling=32)
+    pace.throttled(started=0.0, retry_after=0.5, now=0.0)
+    pace.started(0.0)
+    # An hour without a refusal (and without a call): calls start unpaced again.
+    assert pace.allowed(inflight=0, now=3600.0) > 1
+    assert pace.spacing == 0.0

@@ -20,7 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from psycopg_pool import AsyncConnectionPool
 
 from planbus import queries
-from planbus.errors import INVALID_OUTPUT, TransientError, one_line
+from planbus.errors import INVALID_OUTPUT, TransientError, bounded, one_line
 from planbus.leases import Claim
 from planbus.plan import Plan
 from planbus.retry import Backoff
@@ -169,7 +169,7 @@ async def give_back(
         "id": claim.id,
         "claim_token": claim.token,
         "status": status,
-        "error": error,
+        "error": bounded(error),  # the contract: result.error is one line of plain language
         "delay_seconds": 0.0 if final else delay_seconds,
     }
     written = await _fenced_write(pool, queries.GIVE_BACK, params, deadline)
@@ -191,8 +191,8 @@ async def throttle_back(
     params = {
         "id": claim.id,
         "claim_token": claim.token,
-        "error": error,
-        "gave_up_error": gave_up_error,
+        "error": bounded(error),
+        "gave_up_error": bounded(gave_up_error),
         "patience_seconds": patience_seconds,
         "delay_seconds": delay_seconds,
         "pause_seconds": pause_seconds,

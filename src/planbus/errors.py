@@ -6,6 +6,11 @@ from __future__ import annotations
 # rules, or the write that could not store it).
 INVALID_OUTPUT = "The model's output was invalid"
 
+# The longest error stored in `result.error` / `last_error`: a sentence, with room for a field
+# name, an SQLSTATE message or a URL; a message built from the model's own text must not store
+# megabytes.
+MAX_ERROR_CHARS = 300
+
 
 class ConfigurationError(Exception):
     """The worker cannot start: the message says what the operator must do."""
@@ -48,3 +53,9 @@ class PermanentError(PlanningError):
 def one_line(exc: BaseException) -> str:
     """The exception's message on one line (driver messages span several), or its class name."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` on one line (whitespace collapsed), cut to `limit` characters with "…"."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

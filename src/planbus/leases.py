@@ -149,7 +149,8 @@ class Leases:
         with anyio.CancelScope(shield=True):
             try:
                 ids = await self._fenced(queries.HAND_BACK, unfinished)
-            except psycopg.OperationalError as exc:
+            # Any database error, not only a lost connection: the stop must still end cleanly.
+            except psycopg.Error as exc:
                 log.error(
                     "could not hand back %d requests (%s); the sweep will recover them",
                     len(unfinished),

@@ -10,8 +10,9 @@ method takes `now`, a monotonic time, from the caller):
   AIMDLimit grows the same way). It never exceeds `PLANBUS_CONCURRENCY` nor drops below 1.
 - **The spacing** between call starts, for providers that limit requests per second rather
   than calls at once. A throttled call sets it to the provider's own wait (a token bucket that
-  ran dry answers "retry after one token's time") or widens it by a third; each success narrows
-  it by 2 %, so the pace creeps back up until the provider says "slow down" again.
+  ran dry answers "retry after one token's time") or widens it by a third, never beyond
+  `MAX_SPACING`; each success narrows it by 2 % and each minute without a refusal halves it, so
+  the pace creeps back up until the provider says "slow down" again, even when calls are few.
 - **The pause**: a `retry-after` stops every new call of the worker until it ends.
 
 A burst of refusals is one congestion signal, not many: only a call started after the last cut
@@ -31,6 +32,12 @@ DECREASE = 0.75
 SPACING_WIDEN = 4 / 3  # the spacing's widening on a throttled call: the pace drops by a quarter
 SPACING_NARROW = 0.98  # the spacing after each success
 MIN_SPACING = 0.001  # below a millisecond the spacing is dropped: calls start unpaced
+# The spacing learns a per-second limit, whose bucket refills one token in at most a second (the
+# slowest per-second limit is 1/s): a longer wait is a pause, already honoured by `pause_until`,
+# and slower limits are what PLANBUS_LLM_REQUESTS_PER_MINUTE is for. As the spacing it would
+# hold every later call of the worker that far apart for hours.
+MAX_SPACING = 1.0
+SPACING_HALF_LIFE = 60.0  # seconds without a refusal that halve the spacing
 
 
 @dataclass(slots=True)
@@ -47,6 +54,7 @@ class Pace:
     _burst_inflight: int = 0  # calls in flight when the current burst of refusals began
     _burst_refused: int = 0  # refusals of that burst so far
     _next_start: float = -math.inf
+    _spacing_since: float = -math.inf  # when the spacing was last set or halved
     _successes: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -60,6 +68,7 @@ class Pace:
 
     def allowed(self, inflight: int, now: float) -> int:
         """How many new calls may start now: 0 while paused or until the spacing has passed."""
+        self._decay(now)
         if now < self.paused_until or now < self._next_start:
             return 0
         free = max(0, self.current_limit - inflight)
@@ -71,6 +80,7 @@ class Pace:
 
     def started(self, now: float) -> None:
         """A call starts now: the next one waits out the spacing."""
+        self._decay(now)
         if self.spacing:
             self._next_start = max(now, self._next_start) + self.spacing
 
@@ -109,7 +119,22 @@ class Pace:
         self._burst_inflight, self._burst_refused = inflight, 1
         self.limit = max(1.0, self.limit * DECREASE)
         self._cap_to_accepted()
-        self.spacing = max(retry_after or 0.0, self.spacing * SPACING_WIDEN)
+        # A wait longer than one token's time is a pause, not the pace of later calls.
+        token_time = retry_after if retry_after and retry_after <= MAX_SPACING else 0.0
+        self.spacing = min(MAX_SPACING, max(token_time, self.spacing * SPACING_WIDEN))
+        self._spacing_since = now
+        if self.spacing < MIN_SPACING:
+            self.spacing = 0.0
+
+    def _decay(self, now: float) -> None:
+        """Halve the spacing for each whole `SPACING_HALF_LIFE` passed since it was set."""
+        if not self.spacing:
+            return
+        halvings = math.floor((now - self._spacing_since) / SPACING_HALF_LIFE)
+        if halvings <= 0:
+            return
+        self._spacing_since += halvings * SPACING_HALF_LIFE
+        self.spacing *= 0.5 ** min(halvings, 64)
         if self.spacing < MIN_SPACING:
             self.spacing = 0.0
 

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from planbus.errors import bounded
+
 RequestId = NewType("RequestId", int)
 LeadId = NewType("LeadId", int)
 
@@ -39,6 +41,8 @@ MAX_DRAFT_TEXT = 500
 # How deep a field of the model's own may nest: a plan is stored as JSON in jsonb, and a
 # 256-level value breaks its serialization (it once took the worker down).
 MAX_EXTRA_DEPTH = 8
+# How much of each part of an error's location is shown: a key of the model's own is its text.
+MAX_LOCATION_PART = 40
 # NUL (which jsonb refuses) and surrogates: a str decoded from JSON holds one only when the
 # answer had an unpaired `\ud800`-style escape, which no UTF-8 encoder accepts.
 UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
@@ -171,7 +175,8 @@ def _what(text: str) -> str:
 def describe_validation_error(exc: ValidationError) -> str:
     """The first broken rule as one line, e.g. `steps.2.delay_days: Input should be ...`."""
     first = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in first["loc"]) or "plan"
+    # The location may hold the model's own keys: one line, each part cut, whatever they are.
+    where = ".".join(bounded(str(part), MAX_LOCATION_PART) for part in first["loc"]) or "plan"
     message = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "required field is missing"

@@ -176,10 +176,12 @@ class ProviderLimits:
             return
         if math.isfinite(seconds) and seconds > 0:
             # Each worker ends the shared pause at a moment of its own: resuming together, they
-            # would spend the provider's one new token three times over.
+            # would spend the provider's one new token three times over. The patience caps the
+            # jittered wait, not the announced one, so no peer pauses longer than the patience.
+            seconds *= random.uniform(1.0, PEER_PAUSE_JITTER)
             seconds = min(seconds, self.settings.throttle_patience_seconds)
             now = time.monotonic()
-            self.pace.pause_until(now + seconds * random.uniform(1.0, PEER_PAUSE_JITTER), now)
+            self.pace.pause_until(now + seconds, now)
 
     async def catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Read the database's pause (after LISTEN (re)connects, when notices may be missed)."""

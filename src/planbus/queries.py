@@ -258,6 +258,7 @@ WITH claim AS (
            lease_expires_at = NULL,
            worker_id = NULL,
            finished_at = CASE WHEN c.gives_up THEN now() END,
+           progress = NULL,
            updated_at = now()
       FROM claim AS c
      WHERE r.id = c.id AND r.claim_token = %(claim_token)s AND r.status = 'processing'
@@ -267,6 +268,8 @@ WITH claim AS (
        SET paused_until = greatest(paused_until,
                                    now() + make_interval(secs => %(pause_seconds)s::float8))
      WHERE %(pause_seconds)s::float8 > 0
+       -- Only a claim still ours may pause every worker: a stale one matched no row.
+       AND EXISTS (SELECT 1 FROM given)
  RETURNING paused_until
 )
 SELECT status, CASE WHEN status = 'failed'

@@ -175,6 +175,9 @@ class Worker:
             self._renew_claims_conn = False
             conn = self._claims_conn = await connect_for_claims(self.pool)
         granted = await self._grant(conn, limit)
+        if self._stopping:  # stopped while connecting or granted: a row inserted since stays
+            await self.limits.refund(conn, granted)
+            return []
         if not granted:
             return []
         cursor = conn.cursor(row_factory=dict_row)
@@ -278,8 +281,10 @@ class Worker:
 
     def _release(self, claim: Claim) -> None:
         self.inflight.pop(claim.id, None)
-        if self._due():
-            self._wakeup.set()  # a slot is free and there may be work for it
+        # A slot is free: the loop recomputes its wait, which was endless while every slot was
+        # busy, even when nothing is due yet (a backed-off retry then waits for its due time,
+        # not for the next sweep).
+        self._wakeup.set()
         if self._stopping and not self.inflight:
             self._idle.set()
 
