@@ -16,7 +16,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import db, logs, provider_limits, queries, runtime
+from planbus import admin_queries, db, logs, provider_limits, queries, runtime
 from planbus.errors import ConfigurationError, one_line
 from planbus.settings import Settings
 
@@ -69,7 +69,7 @@ async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
 async def schema_revision(conn: psycopg.AsyncConnection[Any]) -> str | None:
     """The alembic revision the database is at; None when it was never migrated."""
     try:
-        rows = await fetchall(conn, queries.SCHEMA_REVISION)
+        rows = await fetchall(conn, admin_queries.SCHEMA_REVISION)
     except errors.UndefinedTable:
         return None
     return rows[0]["version_num"] if rows else None
@@ -88,7 +88,7 @@ async def describe(conn: psycopg.AsyncConnection[Any], settings: Settings) -> st
     info = conn.info
     where = f"{info.host}:{info.port}/{info.dbname}"
     if settings.database_url is None:
-        (row,) = await fetchall(conn, queries.DATA_DIRECTORY)
+        (row,) = await fetchall(conn, admin_queries.DATA_DIRECTORY)
         where += f" (embedded PostgreSQL, data folder {row['current_setting']})"
     return where
 
@@ -97,15 +97,15 @@ async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
     """Counts by status, the oldest pending request, claims in progress, the last hour's
     failures, the LLM provider's pause and tokens."""
     counts = {status: 0 for status in STATUSES}
-    for row in await fetchall(conn, queries.STATUS_COUNTS):
+    for row in await fetchall(conn, admin_queries.STATUS_COUNTS):
         counts[row["status"]] = row["count"]
-    oldest = await fetchall(conn, queries.STATUS_OLDEST_PENDING)
+    oldest = await fetchall(conn, admin_queries.STATUS_OLDEST_PENDING)
     limit = {"limit": LIST_LIMIT}
     return {
         "counts": counts,
         "oldest_pending": oldest[0] if oldest else None,
-        "processing": await fetchall(conn, queries.STATUS_PROCESSING, limit),
-        "failed_last_hour": await fetchall(conn, queries.STATUS_RECENT_FAILURES, limit),
+        "processing": await fetchall(conn, admin_queries.STATUS_PROCESSING, limit),
+        "failed_last_hour": await fetchall(conn, admin_queries.STATUS_RECENT_FAILURES, limit),
         "provider": await provider_limits.status_report(conn),
     }
 
@@ -122,10 +122,10 @@ async def insert_request(
     for _ in range(3):  # the active request may finish between the refusal and the read
         try:
             rows = await fetchall(
-                conn, queries.INSERT_REQUEST, {"lead_id": lead_id, "telegram_id": telegram_id}
+                conn, admin_queries.INSERT_REQUEST, {"lead_id": lead_id, "telegram_id": telegram_id}
             )
         except errors.UniqueViolation:
-            active = await fetchall(conn, queries.ACTIVE_REQUEST, {"lead_id": lead_id})
+            active = await fetchall(conn, admin_queries.ACTIVE_REQUEST, {"lead_id": lead_id})
             if active:
                 return active[0]["id"], active[0]["status"], False
             continue
@@ -167,7 +167,7 @@ async def follow_request(
 
 async def request_row(conn: psycopg.AsyncConnection[Any], request_id: int) -> dict[str, Any]:
     """The request with its timings and lead, or a failed stand-in when it no longer exists."""
-    rows = await fetchall(conn, queries.REQUEST_STORY, {"id": request_id})
+    rows = await fetchall(conn, admin_queries.REQUEST_STORY, {"id": request_id})
     if rows:
         return rows[0]
     # The lead was deleted and the request with it (ON DELETE CASCADE).

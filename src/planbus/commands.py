@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from psycopg import errors
 
-from planbus import client, console, demo, logs, migrate, provider_limits, queries, runtime
+from planbus import admin_queries, client, console, demo, logs, migrate, provider_limits, runtime
 from planbus.client import connection, fetchall
 from planbus.console import clean, plural
 from planbus.settings import Settings
@@ -55,11 +55,11 @@ async def show_command(settings: Settings, args: argparse.Namespace) -> int:
     """One request's whole story."""
     async with connection(settings) as conn:
         where = await client.describe(conn, settings)
-        rows = await fetchall(conn, queries.REQUEST_STORY, {"id": args.id})
+        rows = await fetchall(conn, admin_queries.REQUEST_STORY, {"id": args.id})
         if not rows:
             print(f"request {args.id} does not exist (database {where})", file=sys.stderr)
             return EXIT_FAILED
-        reminders = await fetchall(conn, queries.REQUEST_REMINDERS, {"id": args.id})
+        reminders = await fetchall(conn, admin_queries.REQUEST_REMINDERS, {"id": args.id})
     if args.json:
         story = {"database": where, **rows[0], "reminders": reminders}
         print(json.dumps(story, indent=2, default=console.json_value))
@@ -75,12 +75,12 @@ async def retry_command(settings: Settings, args: argparse.Namespace) -> int:
     async with connection(settings) as conn:
         print(f"database: {clean(await client.describe(conn, settings))}")
         try:
-            retried = await fetchall(conn, queries.RETRY_FAILED, params)
+            retried = await fetchall(conn, admin_queries.RETRY_FAILED, params)
         except errors.UniqueViolation:
             print("a lead got a new request meanwhile; nothing was retried, try again")
             return EXIT_FAILED
         left = [i for i in ids or [] if i not in {r["id"] for r in retried}]
-        found = await fetchall(conn, queries.REQUEST_STATUSES, {"ids": left}) if left else []
+        found = await fetchall(conn, admin_queries.REQUEST_STATUSES, {"ids": left}) if left else []
     for row in retried:
         print(f"request {row['id']} (lead {row['lead_id']}) is pending again")
         print(f"  previous error: {clean(row['last_error'] or '-')}")
@@ -98,10 +98,10 @@ async def cancel_command(settings: Settings, args: argparse.Namespace) -> int:
     async with connection(settings) as conn:
         print(f"database: {clean(await client.describe(conn, settings))}")
         cancelled = await fetchall(
-            conn, queries.CANCEL_PENDING, {"ids": ids, "error": CANCELLED_ERROR}
+            conn, admin_queries.CANCEL_PENDING, {"ids": ids, "error": CANCELLED_ERROR}
         )
         left = [i for i in ids if i not in {r["id"] for r in cancelled}]
-        found = await fetchall(conn, queries.REQUEST_STATUSES, {"ids": left}) if left else []
+        found = await fetchall(conn, admin_queries.REQUEST_STATUSES, {"ids": left}) if left else []
     for row in cancelled:
         print(f"request {row['id']} (lead {row['lead_id']}) cancelled: it is failed now")
         _log_operator_action(row, "cancelled")
@@ -145,12 +145,12 @@ async def purge_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"database: {clean(await client.describe(conn, settings))}")
         age = console.duration(args.older_than)
         if args.dry_run:
-            (row,) = await fetchall(conn, queries.COUNT_FINISHED_BEFORE, params)
+            (row,) = await fetchall(conn, admin_queries.COUNT_FINISHED_BEFORE, params)
             print(f"would purge {plural(row['count'], 'finished request')} older than {age}")
             return EXIT_OK
         purged = 0
         while True:
-            cursor = await conn.execute(queries.PURGE_FINISHED, params)
+            cursor = await conn.execute(admin_queries.PURGE_FINISHED, params)
             purged += cursor.rowcount
             if cursor.rowcount < PURGE_BATCH:
                 break

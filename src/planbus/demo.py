@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from planbus import client, console, queries, runtime
+from planbus import admin_queries, client, console, runtime
 from planbus.settings import Settings
 from planbus.worker import Worker
 
@@ -82,7 +82,7 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> bool:
 
 async def _demo_request(conn: psycopg.AsyncConnection[Any], lead: dict[str, str]) -> int:
     (row,) = await client.fetchall(
-        conn, queries.DEMO_LEAD, {"telegram_id": DEMO_TELEGRAM_ID, **lead}
+        conn, admin_queries.DEMO_LEAD, {"telegram_id": DEMO_TELEGRAM_ID, **lead}
     )
     request_id, _, _ = await client.insert_request(conn, row["id"], None)
     return request_id

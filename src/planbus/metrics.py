@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from planbus import queries
+from planbus import admin_queries
 from planbus.errors import PermanentError, PlanningError
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ async def scrape(metrics: WorkerMetrics, pool: AsyncConnectionPool) -> bytes:
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
             async with pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
-                row = await (await conn.execute(queries.QUEUE_STATS)).fetchone()
+                row = await (await conn.execute(admin_queries.QUEUE_STATS)).fetchone()
         depth, age = (row[0], row[1]) if row else (0, None)
         metrics.queue_depth.set(depth)
         metrics.oldest_pending_age.set(age or 0.0)
@@ -158,7 +158,7 @@ async def health(listener: ListenerState, pool: AsyncConnectionPool) -> tuple[bo
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
             async with pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
-                await conn.execute(queries.HEALTH_CHECK)
+                await conn.execute(admin_queries.HEALTH_CHECK)
     except (psycopg.Error, TimeoutError) as exc:
         return False, f"database does not answer ({type(exc).__name__})"
     return True, "ok"

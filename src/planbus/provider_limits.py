@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from planbus import effects, queries
+from planbus import admin_queries, effects, queries
 from planbus.accounting import Cost
 from planbus.effects import Outcome
 from planbus.errors import PlanningError, Throttled
@@ -240,9 +240,9 @@ class _PaceCollector(Collector):
 async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
     """The provider's side of the queue: pause, throttled requests, pace, last hour's tokens."""
     cursor = conn.cursor(row_factory=dict_row)
-    await cursor.execute(queries.STATUS_PROVIDER)
+    await cursor.execute(admin_queries.STATUS_PROVIDER)
     report: dict[str, Any] = dict(await cursor.fetchone() or {})
-    await cursor.execute(queries.STATUS_TOKENS_LAST_HOUR)
+    await cursor.execute(admin_queries.STATUS_TOKENS_LAST_HOUR)
     report["tokens_last_hour"] = await cursor.fetchall()
     return report
 
