@@ -22,7 +22,7 @@ import logging
 from sqlalchemy import text
 
 from alembic import op
-from planbus import queries
+from planbus import admin_queries
 from planbus.adoption import (
     API_ROLES,
     added,
@@ -178,7 +178,7 @@ def _grant_limit_function() -> None:
 
 
 def _warn_when_lead_registry_is_writable() -> None:
-    warning = op.get_bind().execute(text(queries.LEAD_REGISTRY_WRITABLE_BY_API)).scalar()
+    warning = op.get_bind().execute(text(admin_queries.LEAD_REGISTRY_WRITABLE_BY_API)).scalar()
     if warning:
         log.warning("%s", warning)
 
