@@ -136,6 +136,26 @@ async def test_retry_resets_a_failed_request_and_keeps_its_error(
     )
 
 
+async def test_retry_starts_the_throttling_patience_and_count_afresh(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A request that failed after throttling past the patience: retried, it must get a whole
+    # new patience and its attempts must count from zero again, not go negative.
+    lead = await database.insert_lead()
+    failed = await failed_row(database, lead, "The LLM provider kept refusing; giving up.")
+    await database.conn.execute(
+        "UPDATE plan_requests SET attempts = 3, throttled_claims = 3,"
+        " throttled_since = now() - interval '1 hour' WHERE id = %s",
+        (failed,),
+    )
+
+    code, _, err = await run(capsys, "retry", str(failed), "--database-url", database.url)
+
+    assert code == 0, err
+    row = await database.request(failed)
+    assert (row["attempts"], row["throttled_claims"], row["throttled_since"]) == (0, 0, None)
+
+
 async def test_retry_refuses_ids_that_are_not_failed_and_exits_1(
     database: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:

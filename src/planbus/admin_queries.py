@@ -105,7 +105,11 @@ WITH chosen AS (
 )
 UPDATE plan_requests AS r
    SET status = 'pending',
+       -- A retried request starts afresh: its attempts, and its throttling patience.
        attempts = 0,
+       throttled_claims = 0,
+       throttled_since = NULL,
+       progress = NULL,
        run_after = now(),
        last_error = coalesce(r.result ->> 'error', r.last_error),
        result = jsonb_build_object('previous_error', coalesce(r.result ->> 'error', r.last_error)),
