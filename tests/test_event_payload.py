@@ -91,3 +91,13 @@ async def test_a_role_that_could_update_requests_before_the_upgrade_keeps_workin
         await conn.execute(SEND)
         notify = await anext(conn.notifies(timeout=5))
     assert json.loads(notify.payload)["status"] == "completed"
+
+
+async def test_the_event_function_is_inlined_into_the_statements_that_call_it(
+    database: Database,
+) -> None:
+    # A SQL function with a SET clause runs an executor of its own per call (revision 0007).
+    rows = await database.fetchall("EXPLAIN (VERBOSE, COSTS OFF) " + SEND)
+    plan = "\n".join(row["QUERY PLAN"] for row in rows)
+    assert "pg_notify" in plan, plan
+    assert "planbus_request_event" not in plan, plan

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from planbus.errors import INVALID_OUTPUT
-from planbus.plan import Lead, Plan, Step
+from planbus.plan import Lead, Plan, Step, unstorable
 from planbus.planner import TemplatePlanner, template_steps
 from planbus.streaming import ProgressCallback
 from tests.helpers import Database, running_worker
@@ -49,6 +49,26 @@ HOSTILE = {
     "a NUL in a field name": lambda s: s[2].update({"odd\u0000name": 1}),
     "a lone surrogate in an extra field": lambda s: s[2].update(note=["x", {"y": "\udfff"}]),
 }
+
+
+def steps_with(change: Any) -> dict[str, Any]:
+    steps = template_steps(Lead(id=1, telegram_id=1, prospect_name="Ada"))  # type: ignore[arg-type]
+    change(steps)
+    return {"steps": steps}
+
+
+@pytest.mark.parametrize("change", HOSTILE.values(), ids=HOSTILE.keys())
+def test_every_hostile_field_is_found_by_the_check_before_the_write(change: Any) -> None:
+    # Ordinary plans take a one-pass look; it must miss nothing the field-by-field walk finds.
+    problem = unstorable(steps_with(change))
+    assert problem is not None and problem.startswith("step "), problem
+
+
+@pytest.mark.parametrize(
+    "text", ["Café, naïve, 東京, emoji 🚀", "a\\u0000 written out", "x" * 10_000]
+)
+def test_ordinary_text_passes_the_check(text: str) -> None:
+    assert unstorable(steps_with(lambda s: s[3].update(description=text, note=text))) is None
 
 
 @pytest.fixture

@@ -47,12 +47,16 @@ def _payload(claim: Claim, plan: Plan) -> str:
     """One request's part of `queries.COMPLETE`'s JSON array; a plan that cannot be written as
     JSON fails here, in its own request's task, as that request's invalid output."""
     try:
+        steps = plan.as_json()
+        # The stored `result`: the contract's two keys, then what the plan cost (docs/llm.md).
+        result = {"plan": steps, "step_count": len(steps), "throttled_calls": claim.throttled}
+        if claim.cost is not None:
+            result.update(claim.cost.as_result())
         return json.dumps(
             {
                 "id": claim.id,
                 "claim_token": str(claim.token),
-                "plan": plan.as_json(),
-                "cost": claim.cost.as_result() if claim.cost else None,
+                "result": result,
                 "reminders": [
                     {"step_id": s.step_id, "delay_days": s.delay_days, "draft_text": s.draft_text}
                     for s in plan.steps

@@ -137,6 +137,8 @@ def unstorable(data: Any) -> str | None:
     steps = data.get("steps") if isinstance(data, dict) else None
     if not isinstance(steps, list):
         return None  # the schema says what is wrong with it
+    if _flat_and_clean(steps):
+        return None  # every plan a model means to give: no need to say where a problem is
     for number, step in enumerate(steps, start=1):
         if not isinstance(step, dict):
             continue
@@ -145,6 +147,34 @@ def unstorable(data: Any) -> str | None:
             if problem is not None:
                 return f"step {number} {problem}"
     return None
+
+
+def _flat_and_clean(steps: list[Any]) -> bool:
+    """True when no step nests anything and no text holds a refused character: one pass over
+    the fields and one look at all their texts, where the walk below costs a walk per field."""
+    texts: list[str] = []
+    for step in steps:
+        if isinstance(step, dict):
+            for name, value in step.items():
+                if isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, (dict, list)):  # a tuple: faster than a union here
+                    return False
+                texts.append(name)
+    try:
+        joined = "".join(texts)
+    except TypeError:  # a field name that is not text (not from JSON): let the walk say so
+        return False
+    # ASCII text holds no surrogate; other text holds none if it can be encoded.
+    return "\x00" not in joined and (joined.isascii() or _encodable(joined))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _field_problem(name: Any, value: Any) -> str | None:

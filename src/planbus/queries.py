@@ -70,24 +70,24 @@ RETURNING r.id
 """
 
 # The effects of completed requests: one statement, so one snapshot, one now(), one commit.
-# %(requests)s is a JSON array of {id, claim_token, plan, reminders}: requests that finish
+# %(requests)s is a JSON array of {id, claim_token, result, reminders}, `result` complete as
+# stored (the worker builds it: the database then copies the plan once): requests that finish
 # together share the statement (one round trip and one commit instead of one each), and each
 # stays fenced on its own: every CTE joins `done`, so a request whose claim is no longer ours
 # writes nothing at all. The caller never puts two requests of one lead in the same array.
 COMPLETE: LiteralString = """
 WITH input AS (
-    SELECT i.id, i.claim_token, i.plan, i.reminders, i.cost
+    SELECT i.id, i.claim_token, i.result, i.reminders
       FROM jsonb_to_recordset(%(requests)s::jsonb)
-        AS i (id bigint, claim_token uuid, plan jsonb, reminders jsonb, cost jsonb)
+        AS i (id bigint, claim_token uuid, result jsonb, reminders jsonb)
 ), done AS (
     UPDATE plan_requests AS r
        SET status = 'completed',
-           -- A request an operator retried keeps the error it was retried from.
-           result = jsonb_build_object('plan', i.plan, 'step_count', jsonb_array_length(i.plan),
-                                       'throttled_calls', r.throttled_claims)
-                    || coalesce(i.cost, '{}')
-                    || jsonb_strip_nulls(jsonb_build_object(
-                           'previous_error', r.result -> 'previous_error')),
+           -- A request an operator retried keeps the error it was retried from. (Only such
+           -- a request has a `result` here: the plan is copied once more only for it.)
+           result = CASE WHEN r.result IS NULL THEN i.result
+                         ELSE i.result || jsonb_strip_nulls(jsonb_build_object(
+                                  'previous_error', r.result -> 'previous_error')) END,
            progress = NULL,
            last_error = r.result ->> 'previous_error',
            claim_token = NULL,
@@ -96,7 +96,7 @@ WITH input AS (
            updated_at = now()
       FROM input AS i
      WHERE r.id = i.id AND r.claim_token = i.claim_token AND r.status = 'processing'
- RETURNING r.id, r.lead_id, r.telegram_id, i.plan, i.reminders
+ RETURNING r.id, r.lead_id, r.telegram_id, i.result -> 'plan' AS plan, i.reminders
 ), steps AS (
     SELECT done.id, done.lead_id, done.telegram_id, s.step_id, s.delay_days, s.draft_text
       FROM done, jsonb_to_recordset(done.reminders)
