@@ -81,8 +81,9 @@ class Completions:
     Each request's effects stay one fenced, all-or-nothing write: the statement is one
     transaction, and a request whose claim is gone matches nothing in it. Sharing changes only
     how many round trips and commits the database sees. A writer never waits to fill a batch:
-    it takes what has queued up while the writers were busy, so an idle worker writes each
-    request at once and a busy one writes many per statement.
+    it takes what has queued up while the writers were busy (and what the tasks already
+    running queue in the same turn of the event loop), so an idle worker writes each request
+    at once and a busy one writes many per statement.
     """
 
     def __init__(self, pool: AsyncConnectionPool, writers: int, max_batch: int = 32) -> None:
@@ -115,6 +116,10 @@ class Completions:
         later: list[_Completion] = []  # a second request of a lead already in the batch
         while True:
             batch = [later.pop(0) if later else await receive.receive()]
+            # One turn of the event loop first: request tasks that are ready to run finish
+            # their plans and queue them here, instead of each waiting for a statement of its
+            # own. (Without it, W2 sent 12 % more statements: writers left with one item.)
+            await anyio.lowlevel.checkpoint()
             leads = {batch[0].claim.lead_id}
             while len(batch) < self.max_batch:
                 try:

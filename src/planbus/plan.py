@@ -117,14 +117,41 @@ class InvalidPlan(ValueError):
 
 
 def validate_plan(data: Any) -> Plan:
-    """Validate a decoded `{"steps": [...]}` object; reject, never repair."""
-    problem = unstorable(data)
-    if problem is not None:
-        raise InvalidPlan(problem)
+    """Validate a decoded `{"steps": [...]}` object; reject, never repair.
+
+    What cannot be stored is named before any other broken rule. The walk that finds it runs
+    only when needed: a plan that passed the schema with none of the model's own fields holds
+    only the step fields' texts, and one look at them clears it.
+    """
     try:
-        return Plan.model_validate(data)
+        plan = Plan.model_validate(data)
     except ValidationError as exc:
-        raise InvalidPlan(describe_validation_error(exc)) from None
+        raise InvalidPlan(unstorable(data) or describe_validation_error(exc)) from None
+    if not _only_clean_texts(plan):
+        problem = unstorable(data)
+        if problem is not None:
+            raise InvalidPlan(problem)
+    return plan
+
+
+def _only_clean_texts(plan: Plan) -> bool:
+    """No field of the model's own, and no NUL or unpaired surrogate in any step text."""
+    texts: list[str] = []
+    for step in plan.steps:
+        if step.model_extra:
+            return False
+        texts += (step.description, step.suggested_text or "", step.timing)
+    joined = "".join(texts)
+    # ASCII text holds no surrogate; other text holds none if it can be encoded.
+    return "\x00" not in joined and (joined.isascii() or _encodable(joined))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def unstorable(data: Any) -> str | None:
@@ -137,8 +164,6 @@ def unstorable(data: Any) -> str | None:
     steps = data.get("steps") if isinstance(data, dict) else None
     if not isinstance(steps, list):
         return None  # the schema says what is wrong with it
-    if _flat_and_clean(steps):
-        return None  # every plan a model means to give: no need to say where a problem is
     for number, step in enumerate(steps, start=1):
         if not isinstance(step, dict):
             continue
@@ -147,34 +172,6 @@ def unstorable(data: Any) -> str | None:
             if problem is not None:
                 return f"step {number} {problem}"
     return None
-
-
-def _flat_and_clean(steps: list[Any]) -> bool:
-    """True when no step nests anything and no text holds a refused character: one pass over
-    the fields and one look at all their texts, where the walk below costs a walk per field."""
-    texts: list[str] = []
-    for step in steps:
-        if isinstance(step, dict):
-            for name, value in step.items():
-                if isinstance(value, str):
-                    texts.append(value)
-                elif isinstance(value, (dict, list)):  # a tuple: faster than a union here
-                    return False
-                texts.append(name)
-    try:
-        joined = "".join(texts)
-    except TypeError:  # a field name that is not text (not from JSON): let the walk say so
-        return False
-    # ASCII text holds no surrogate; other text holds none if it can be encoded.
-    return "\x00" not in joined and (joined.isascii() or _encodable(joined))
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _field_problem(name: Any, value: Any) -> str | None:

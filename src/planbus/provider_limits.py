@@ -44,6 +44,8 @@ PEER_PAUSE_JITTER = 1.5  # a peer's pause lasts 1 to 1.5 times what the provider
 CEILING_MARGIN = 0.97
 BURST_MARGIN = 0.9
 
+MAX_MODEL_LABELS = 16  # model names /metrics counts tokens under; the rest count as "other"
+
 REFUSALS = {"rate_limited": "rate limited", "overloaded": "overloaded"}
 
 
@@ -63,6 +65,7 @@ class ProviderLimits:
         self.burst = max(1.0, math.floor(per_minute / 60 * BURST_MARGIN)) if per_minute else 1.0
         self._ceiling_until = -math.inf
         self._tokens: Counter | None = None
+        self._token_counters: dict[str, tuple[Counter, Counter]] = {}  # by model
 
     # -- the claim loop ----------------------------------------------------------------------
 
@@ -204,12 +207,22 @@ class ProviderLimits:
         if self._tokens is None:
             return
         model = cost.model or "unknown"
-        for kind, tokens in (
-            ("prompt", cost.prompt_tokens),
-            ("completion", cost.completion_tokens),
-        ):
-            if tokens:
-                self._tokens.labels(kind=kind, model=model).inc(tokens)
+        counters = self._token_counters.get(model)
+        if counters is None:
+            # The model name is the provider's word: a server naming a new model in every
+            # answer must not grow /metrics without end. Past MAX_MODEL_LABELS names, the
+            # rest count as "other" (and the cache, which saves `labels()` on every answer,
+            # stops growing with them).
+            if len(self._token_counters) >= MAX_MODEL_LABELS:
+                model = "other"
+            counters = self._token_counters[model] = (
+                self._tokens.labels(kind="prompt", model=model),
+                self._tokens.labels(kind="completion", model=model),
+            )
+        if cost.prompt_tokens:
+            counters[0].inc(cost.prompt_tokens)
+        if cost.completion_tokens:
+            counters[1].inc(cost.completion_tokens)
 
 
 class _PaceCollector(Collector):
