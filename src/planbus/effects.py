@@ -123,7 +123,9 @@ class Completions:
             # One turn of the event loop first: request tasks that are ready to run finish
             # their plans and queue them here, instead of each waiting for a statement of its
             # own. (Without it, W2 sent 12 % more statements: writers left with one item.)
-            await anyio.lowlevel.checkpoint()
+            # Not a cancellation point: `_write` must always see the items it took, to tell
+            # their waiting (shielded) requests how the write ended.
+            await anyio.lowlevel.cancel_shielded_checkpoint()
             leads = {batch[0].claim.lead_id}
             while len(batch) < self.max_batch:
                 try:
