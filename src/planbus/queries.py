@@ -83,8 +83,9 @@ WITH input AS (
 ), done AS (
     UPDATE plan_requests AS r
        SET status = 'completed',
-           -- A request an operator retried keeps the error it was retried from. (Only such
-           -- a request has a `result` here: the plan is copied once more only for it.)
+           -- A request an operator retried keeps the error it was retried from. (A pending
+           -- request has no `result` but after such a retry, so only then is the plan copied
+           -- once more.)
            result = CASE WHEN r.result IS NULL THEN i.result
                          ELSE i.result || jsonb_strip_nulls(jsonb_build_object(
                                   'previous_error', r.result -> 'previous_error')) END,
