@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, NewType, get_args
@@ -43,9 +42,6 @@ MAX_DRAFT_TEXT = 500
 MAX_EXTRA_DEPTH = 8
 # How much of each part of an error's location is shown: a key of the model's own is its text.
 MAX_LOCATION_PART = 40
-# NUL (which jsonb refuses) and surrogates: a str decoded from JSON holds one only when the
-# answer had an unpaired `\ud800`-style escape, which no UTF-8 encoder accepts.
-UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class Step(BaseModel):
@@ -141,12 +137,16 @@ def _only_clean_texts(plan: Plan) -> bool:
         if step.model_extra:
             return False
         texts += (step.description, step.suggested_text or "", step.timing)
-    joined = "".join(texts)
-    # ASCII text holds no surrogate; other text holds none if it can be encoded.
-    return "\x00" not in joined and (joined.isascii() or _encodable(joined))
+    return _storable("".join(texts))
 
 
-def _encodable(text: str) -> bool:
+def _storable(text: str) -> bool:
+    """No NUL (which jsonb refuses) and no surrogate: a str decoded from JSON holds one only
+    when the answer had an unpaired `\\ud800`-style escape, which no UTF-8 encoder accepts."""
+    if "\x00" in text:
+        return False
+    if text.isascii():  # the common case, and ASCII holds no surrogate
+        return True
     try:
         text.encode()
     except UnicodeEncodeError:
@@ -176,20 +176,20 @@ def unstorable(data: Any) -> str | None:
 
 def _field_problem(name: Any, value: Any) -> str | None:
     shown = repr(name[:40]) if isinstance(name, str) else repr(name)
-    if isinstance(name, str) and UNSTORABLE_TEXT.search(name):
+    if isinstance(name, str) and not _storable(name):
         return f"has a field name with {_what(name)}: {shown}"
     pending = [(value, 0)]
     while pending:
         item, depth = pending.pop()
         if isinstance(item, str):
-            if UNSTORABLE_TEXT.search(item):
+            if not _storable(item):
                 return f"field {shown} contains {_what(item)}"
         elif isinstance(item, dict | list):
             if depth >= MAX_EXTRA_DEPTH:
                 return f"field {shown} is nested more than {MAX_EXTRA_DEPTH} levels deep"
             children = item.items() if isinstance(item, dict) else enumerate(item)
             for key, child in children:
-                if isinstance(key, str) and UNSTORABLE_TEXT.search(key):
+                if isinstance(key, str) and not _storable(key):
                     return f"field {shown} holds a key with {_what(key)}"
                 pending.append((child, depth + 1))
     return None
