@@ -87,9 +87,7 @@ class Pace:
     def succeeded(self, inflight: int) -> None:
         """A call answered: grow the limit by one per `limit` successes, narrow the spacing."""
         if self.spacing:
-            self.spacing *= SPACING_NARROW
-            if self.spacing < MIN_SPACING:
-                self.spacing = 0.0
+            self._set_spacing(self.spacing * SPACING_NARROW)
         # Only a limit in use is evidence it is not too low (`inflight` counts this call).
         if inflight < self.limit / 2:
             return
@@ -121,10 +119,8 @@ class Pace:
         self._cap_to_accepted()
         # A wait longer than one token's time is a pause, not the pace of later calls.
         token_time = retry_after if retry_after and retry_after <= MAX_SPACING else 0.0
-        self.spacing = min(MAX_SPACING, max(token_time, self.spacing * SPACING_WIDEN))
+        self._set_spacing(min(MAX_SPACING, max(token_time, self.spacing * SPACING_WIDEN)))
         self._spacing_since = now
-        if self.spacing < MIN_SPACING:
-            self.spacing = 0.0
 
     def _decay(self, now: float) -> None:
         """Halve the spacing for each whole `SPACING_HALF_LIFE` passed since it was set."""
@@ -134,9 +130,11 @@ class Pace:
         if halvings <= 0:
             return
         self._spacing_since += halvings * SPACING_HALF_LIFE
-        self.spacing *= 0.5 ** min(halvings, 64)
-        if self.spacing < MIN_SPACING:
-            self.spacing = 0.0
+        self._set_spacing(self.spacing * 0.5 ** min(halvings, 64))
+
+    def _set_spacing(self, seconds: float) -> None:
+        # Below MIN_SPACING the spacing is dropped: calls start unpaced again.
+        self.spacing = seconds if seconds >= MIN_SPACING else 0.0
 
     def _cap_to_accepted(self) -> None:
         if self._burst_inflight:
