@@ -25,8 +25,8 @@ from sqlalchemy import create_engine, event, pool, text
 from sqlalchemy.engine import Connection
 
 from alembic import context
-from planbus.db import redact
-from planbus.migrate import MIGRATION_LOCK
+from planbus.bus.db import redact
+from planbus.ops.migrate import MIGRATION_LOCK
 
 log = logging.getLogger("planbus.migrations")
 

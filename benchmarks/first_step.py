@@ -217,7 +217,7 @@ def _summary(
         "first_step_lag_seconds": _spread(first_lag),
         "step_lag_seconds": _spread(step_lag),
         "last_step_lag_seconds": _spread(last_lag),
-        # Steps the Mini App read before the model's answer had ended: 0 without streaming.
+        # Steps the Mini App read before the model's answer had ended: 0 without openai_stream.
         "steps_seen_before_completion": seen_early,
         "progress_writes_per_request": max(writes.values(), default=0),
         "progress_writes_by_request": writes,

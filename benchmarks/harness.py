@@ -28,8 +28,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from benchmarks.llm import PROSPECT_NAME
-from planbus import migrate
-from planbus.embedded import EmbeddedPostgres
+from planbus.ops import migrate
+from planbus.ops.embedded import EmbeddedPostgres
 
 TEMPLATE = "bench_template"
 PLANBUS_READY = "listening on channel plan_requests"

@@ -23,8 +23,8 @@ import re
 import time
 from typing import Any
 
-from planbus.plan import Lead, LeadId
-from planbus.planner import template_steps
+from planbus.llm.plan import Lead, LeadId
+from planbus.llm.planner import template_steps
 
 MARKER = re.compile(rb"Bench Prospect (\d+)")
 PROSPECT_NAME = "Bench Prospect {key}"

@@ -37,8 +37,8 @@ from anyio.abc import TaskGroup
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from planbus import migrate
-from planbus.embedded import EmbeddedPostgres
+from planbus.ops import migrate
+from planbus.ops.embedded import EmbeddedPostgres
 from tests.llm_server import FakeLLM, Reply
 from tests.processes import Fleet, WorkerProcess
 

@@ -20,8 +20,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from planbus import migrate
-from planbus.embedded import EmbeddedPostgres
+from planbus.ops import migrate
+from planbus.ops.embedded import EmbeddedPostgres
 from tests.helpers import Database
 
 TEMPLATE = "planbus_test_template"

@@ -13,9 +13,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from planbus import runtime
-from planbus.planner import Planner
+from planbus.bus.worker import Worker
+from planbus.llm.planner import Planner
 from planbus.settings import load_settings
-from planbus.worker import Worker
 
 TERMINAL = ("completed", "failed")
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planbus.plan import Lead
-from planbus.planner import template_steps
+from planbus.llm.plan import Lead
+from planbus.llm.planner import template_steps
 from tests.llm_limits import Limits, Refusal, TokenBucket, busy, quota_exhausted
 from tests.llm_stream import END, SSE_HEAD, ChunkMaker, event, pieces, step_ends
 from tests.llm_wire import completion, http, read_request, usage

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from planbus import migrate
+from planbus.ops import migrate
 from tests.helpers import Database, acting_as, running_worker
 
 pytestmark = pytest.mark.anyio

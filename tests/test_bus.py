@@ -7,8 +7,8 @@ import datetime as dt
 import anyio
 import pytest
 
-from planbus.plan import Lead, Plan
-from planbus.planner import TemplatePlanner
+from planbus.llm.plan import Lead, Plan
+from planbus.llm.planner import TemplatePlanner
 from tests.helpers import Database, listening_events, running_worker
 
 pytestmark = pytest.mark.anyio

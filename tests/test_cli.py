@@ -13,10 +13,10 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from planbus import cli
 from planbus.errors import PermanentError
-from planbus.plan import Lead, Plan
-from planbus.planner import TemplatePlanner
+from planbus.llm.plan import Lead, Plan
+from planbus.llm.planner import TemplatePlanner
+from planbus.ops import cli
 from tests.helpers import Database, running_worker
 
 pytestmark = pytest.mark.anyio

@@ -8,12 +8,12 @@ import anyio
 import pytest
 from psycopg.rows import dict_row
 
-from planbus import db, queries
-from planbus.effects import Completions, Outcome
+from planbus.bus import db, queries
+from planbus.bus.claim import Claim
+from planbus.bus.effects import Completions, Outcome
 from planbus.errors import TransientError
-from planbus.leases import Claim
-from planbus.plan import Plan, Step
-from planbus.planner import TemplatePlanner
+from planbus.llm.plan import Plan, Step
+from planbus.llm.planner import TemplatePlanner
 from tests.helpers import Database, listening_events
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from planbus import embedded
-from planbus.embedded import EmbeddedPostgres, default_data_dir
+from planbus.ops import embedded
+from planbus.ops.embedded import EmbeddedPostgres, default_data_dir
 from tests.test_listen_command import READY, Listener, listen_env, listener_factory, run_listen
 
 __all__ = ["listener_factory"]  # the fixture, used by name
@@ -152,7 +152,7 @@ def test_embedded_stop_force_stops_a_server_in_use(
 
 
 def test_the_default_data_folder_is_the_same_from_every_folder(tmp_path: Path) -> None:
-    code = "from planbus.embedded import default_data_dir; print(default_data_dir())"
+    code = "from planbus.ops.embedded import default_data_dir; print(default_data_dir())"
     found = {
         subprocess.run(
             [sys.executable, "-c", code],

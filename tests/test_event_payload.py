@@ -11,8 +11,9 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
-from planbus import db, migrate
+from planbus.bus import db
 from planbus.errors import ConfigurationError
+from planbus.ops import migrate
 from tests.helpers import Database, acting_as, listening_events, running_worker
 
 pytestmark = pytest.mark.anyio

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from planbus.errors import INVALID_OUTPUT
-from planbus.plan import Lead, Plan, Step, unstorable
-from planbus.planner import TemplatePlanner, template_steps
-from planbus.streaming import ProgressCallback
+from planbus.llm.openai_stream import ProgressCallback
+from planbus.llm.plan import Lead, Plan, Step, unstorable
+from planbus.llm.planner import TemplatePlanner, template_steps
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
 from tests.processes import Fleet

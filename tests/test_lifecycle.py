@@ -8,11 +8,11 @@ import re
 import anyio
 import pytest
 
-from planbus import migrate
 from planbus.errors import TransientError
-from planbus.plan import Lead, Plan
-from planbus.planner import TemplatePlanner
-from planbus.streaming import ProgressCallback
+from planbus.llm.openai_stream import ProgressCallback
+from planbus.llm.plan import Lead, Plan
+from planbus.llm.planner import TemplatePlanner
+from planbus.ops import migrate
 from tests.conftest import TestServer
 from tests.helpers import Database, eventually, listening_events, running_worker
 

@@ -17,7 +17,8 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from alembic import command
-from planbus import db, migrate
+from planbus.bus import db
+from planbus.ops import migrate
 from tests.conftest import TestServer
 from tests.helpers import Database, acting_as
 from tests.processes import WorkerProcess
@@ -206,7 +207,7 @@ async def test_an_adopted_lead_registry_open_to_the_api_is_named_with_the_fix(
         assert line in migration_log
     # The worker says it again at every start, and starts anyway.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="planbus.db"):
+    with caplog.at_level(logging.WARNING, logger="planbus.bus.db"):
         await db.check_database(managed.url, migrate.head_revision())
     for line in expected:
         assert line in caplog.text
@@ -214,7 +215,7 @@ async def test_an_adopted_lead_registry_open_to_the_api_is_named_with_the_fix(
         "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON lead_registry FROM anon, authenticated"
     )
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="planbus.db"):
+    with caplog.at_level(logging.WARNING, logger="planbus.bus.db"):
         await db.check_database(managed.url, migrate.head_revision())
     assert "lead_registry" not in caplog.text
 

@@ -19,10 +19,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from planbus import runtime
+from planbus.bus.worker import Worker
 from planbus.errors import PermanentError, TransientError
-from planbus.plan import Lead, Plan
-from planbus.planner import TemplatePlanner
-from planbus.worker import Worker
+from planbus.llm.plan import Lead, Plan
+from planbus.llm.planner import TemplatePlanner
 from tests.conftest import TestServer
 from tests.helpers import Database, running_worker, wait_until
 from tests.processes import WorkerProcess

@@ -12,7 +12,7 @@ import anyio
 import psycopg
 import pytest
 
-from planbus import migrate
+from planbus.ops import migrate
 from tests.helpers import Database, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,8 @@ from typing import Any, get_args
 import pytest
 
 from planbus.errors import ConfigurationError, TransientError
-from planbus.openai_planner import (
+from planbus.llm.openai_errors import retry_after_seconds
+from planbus.llm.openai_planner import (
     CUT_MARK,
     FIELD_BUDGET,
     WEB_RESEARCH_BUDGET,
@@ -22,9 +23,8 @@ from planbus.openai_planner import (
     parse_plan,
     user_message,
 )
-from planbus.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
-from planbus.planner import TemplatePlanner, make_planner, template_steps
-from planbus.provider_errors import retry_after_seconds
+from planbus.llm.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
+from planbus.llm.planner import TemplatePlanner, make_planner, template_steps
 from planbus.settings import load_settings
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply

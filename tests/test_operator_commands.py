@@ -20,10 +20,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 import planbus
-from planbus import cli
-from planbus.commands import CANCELLED_ERROR
-from planbus.plan import Lead, Plan
-from planbus.planner import TemplatePlanner
+from planbus.llm.plan import Lead, Plan
+from planbus.llm.planner import TemplatePlanner
+from planbus.ops import cli
+from planbus.ops.commands import CANCELLED_ERROR
 from tests.helpers import Database, listening_events, running_worker
 from tests.test_cli import ago, failed_row, insert_row, run
 from tests.test_cli import planbus as planbus_process
@@ -266,7 +266,7 @@ async def test_migrate_says_what_it_applied_and_then_that_nothing_is_left(
 
 
 def queries_head() -> str:
-    from planbus import migrate
+    from planbus.ops import migrate
 
     head = migrate.head_revision()
     assert head is not None

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from planbus.pacing import MAX_SPACING, Pace
-from planbus.provider_limits import ProviderLimits
+from planbus.bus.throttling import ProviderLimits
+from planbus.llm.pacing import MAX_SPACING, Pace
 from planbus.settings import load_settings
 
 

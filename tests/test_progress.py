@@ -18,11 +18,11 @@ import anyio
 import pytest
 from psycopg import errors, sql
 
-from planbus import db, queries
-from planbus.plan import Lead, LeadId, Step
-from planbus.planner import template_steps
-from planbus.progress import ProgressWriter
-from planbus.streaming import Progress
+from planbus.bus import db, queries
+from planbus.bus.progress import ProgressWriter
+from planbus.llm.openai_stream import Progress
+from planbus.llm.plan import Lead, LeadId, Step
+from planbus.llm.planner import template_steps
 from tests.helpers import Database, acting_as, eventually, running_worker, wait_until
 from tests.llm_server import FakeLLM, Reply
 from tests.processes import Fleet
@@ -199,7 +199,7 @@ def progress_writes(caplog: pytest.LogCaptureFixture) -> int:
 async def test_steps_appear_in_progress_in_order_as_the_model_writes_them(
     database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="planbus.progress")
+    caplog.set_level(logging.DEBUG, logger="planbus.bus.progress")
     llm.default = Reply(steps=STEPS, tokens_per_second=200)
     lead = await database.insert_lead(telegram_id=ALICE)
     async with openai_worker(database, progress_interval_seconds=0.05):
@@ -223,7 +223,7 @@ async def test_steps_appear_in_progress_in_order_as_the_model_writes_them(
 async def test_an_answer_that_streams_in_one_burst_writes_no_progress(
     database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="planbus.progress")
+    caplog.set_level(logging.DEBUG, logger="planbus.bus.progress")
     llm.default = Reply(steps=STEPS, tokens_per_second=20_000)  # ~400 pieces in ~20 ms
     leads = [await database.insert_lead(telegram_id=ALICE) for _ in range(5)]
     # An interval well past the answer's 20 ms, so a loaded machine cannot stretch it past.

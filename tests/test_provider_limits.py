@@ -15,16 +15,15 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from psycopg import errors
 
-from planbus import cli
-from planbus.accounting import Cost
-from planbus.provider_errors import (
+from planbus.bus.metrics import MAX_MODEL_LABELS, TokenCounters
+from planbus.llm.accounting import Cost
+from planbus.llm.openai_errors import (
     QUOTA_EXHAUSTED,
     duration_seconds,
     public_url,
     throttle_wait_seconds,
 )
-from planbus.provider_limits import MAX_MODEL_LABELS, ProviderLimits
-from planbus.settings import Settings
+from planbus.ops import cli
 from tests.helpers import Database, eventually, running_worker
 from tests.llm_server import FakeLLM, Limits, Reply
 from tests.processes import Fleet
@@ -444,11 +443,10 @@ async def test_the_mini_app_may_not_set_the_throttling_columns_even_with_a_widen
 def test_tokens_are_counted_under_a_bounded_number_of_model_names() -> None:
     # The model name comes from the provider's answer: a server naming a new model in every
     # answer must not make /metrics grow without end.
-    limits = ProviderLimits(Settings(), pool=None)  # type: ignore[arg-type]
     registry = CollectorRegistry()
-    limits.register(registry)
+    tokens = TokenCounters(registry)
     for n in range(MAX_MODEL_LABELS * 3):
-        limits._count_tokens(Cost(model=f"model-{n}", prompt_tokens=10, completion_tokens=1))
+        tokens.count(Cost(model=f"model-{n}", prompt_tokens=10, completion_tokens=1))
     metrics = generate_latest(registry).decode()
     models = set(re.findall(r'planbus_llm_tokens_total\{kind="prompt",model="([^"]+)"\}', metrics))
     assert len(models) == MAX_MODEL_LABELS + 1, models

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from planbus.bus.retry import Backoff, RetryDecision, decide, jittered
 from planbus.errors import PermanentError, PlanningError, TransientError
-from planbus.retry import Backoff, RetryDecision, decide, jittered
 
 
 def lowest(low: float, high: float) -> float:

@@ -8,7 +8,7 @@ import sys
 import anyio
 import pytest
 
-from planbus import db
+from planbus.bus import db
 from planbus.errors import ConfigurationError
 
 pytestmark = pytest.mark.anyio

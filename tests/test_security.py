@@ -13,7 +13,8 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from planbus import db, migrate
+from planbus.bus import db
+from planbus.ops import migrate
 from tests.conftest import TestServer
 from tests.helpers import Database, acting_as, running_worker
 

@@ -10,11 +10,8 @@ from typing import Any
 import pytest
 
 from planbus.errors import TransientError
-from planbus.openai_planner import MAX_ANSWER_BYTES, MAX_TOKENS, OpenAIPlanner, parse_plan
-from planbus.plan import Lead, LeadId
-from planbus.planner import template_steps
-from planbus.settings import load_settings
-from planbus.streaming import (
+from planbus.llm.openai_planner import MAX_ANSWER_BYTES, MAX_TOKENS, OpenAIPlanner, parse_plan
+from planbus.llm.openai_stream import (
     AnswerTooLarge,
     NoContentDeltas,
     Progress,
@@ -23,6 +20,9 @@ from planbus.streaming import (
     read_body,
     read_stream,
 )
+from planbus.llm.plan import Lead, LeadId
+from planbus.llm.planner import template_steps
+from planbus.settings import load_settings
 from tests.llm_server import FakeLLM, Reply
 
 pytestmark = pytest.mark.anyio

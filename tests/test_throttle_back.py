@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from planbus import queries
-from planbus.effects import give_back
+from planbus.bus import queries
+from planbus.bus.claim import Claim
+from planbus.bus.effects import give_back
 from planbus.errors import MAX_ERROR_CHARS
-from planbus.leases import Claim
-from planbus.plan import LeadId, RequestId
+from planbus.llm.plan import LeadId, RequestId
 from tests.helpers import Database
 
 pytestmark = pytest.mark.anyio

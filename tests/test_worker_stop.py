@@ -6,9 +6,9 @@ import anyio
 import psycopg
 import pytest
 
-from planbus.plan import Lead, Plan
-from planbus.planner import TemplatePlanner
-from planbus.streaming import ProgressCallback
+from planbus.llm.openai_stream import ProgressCallback
+from planbus.llm.plan import Lead, Plan
+from planbus.llm.planner import TemplatePlanner
 from tests.helpers import Database, eventually, running_worker
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,7 @@ Revises:
 from __future__ import annotations
 
 from alembic import op
-from planbus.adoption import (
+from planbus.schema.adoption import (
     ORIGIN_TABLE,
     add_constraint,
     added,

@@ -16,21 +16,19 @@ import logging
 from sqlalchemy import text
 
 from alembic import op
-from planbus.adoption import (
+from planbus.schema.adoption import (
     add_constraint,
     any_nullable,
     disable_added_row_security,
     enable_row_security,
     forget,
-    privileges,
     qualified_name,
     quote,
-    record_privilege_changes,
     remove_added_columns_and_constraints,
     remove_added_defaults,
-    restore_privileges,
     set_default,
 )
+from planbus.schema.privileges import privileges, record_privilege_changes, restore_privileges
 
 revision = "0002_tma_rights"
 down_revision = "0001_bus"

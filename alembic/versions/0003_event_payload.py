@@ -1,7 +1,7 @@
 """One definition of the plan_request_events payload: the function every event goes through.
 
 `planbus_request_event(id, lead_id, telegram_id, status)` sends the contract's four fields on
-`queries.EVENTS_CHANNEL`; the worker's statements call it instead of each spelling out
+`plan_request_events`; the worker's statements call it instead of each spelling out
 `pg_notify(... json_build_object(...))`. (Revision 0002's one-off statement keeps its own copy:
 it is history.) Nobody but the worker may call it: a managed platform exposes functions in
 `public` to its API roles, and a forged event must not be one HTTP call away.
@@ -17,8 +17,8 @@ import re
 from sqlalchemy import text
 
 from alembic import op
-from planbus.adoption import API_ROLES, quote, worker_roles
-from planbus.queries import EVENTS_CHANNEL
+from planbus.schema.adoption import quote
+from planbus.schema.privileges import API_ROLES, worker_roles
 
 revision = "0003_event_payload"
 down_revision = "0002_tma_rights"
@@ -27,7 +27,9 @@ depends_on = None
 
 SIGNATURE = "public.planbus_request_event(bigint, bigint, bigint, text)"
 
-# A plain name: it is written into the function body as a string literal.
+# The contract's events channel, copied here: a revision is history and imports nothing that
+# can change. A plain name: it is written into the function body as a string literal.
+EVENTS_CHANNEL = "plan_request_events"
 assert re.fullmatch(r"[a-z_]+", EVENTS_CHANNEL), EVENTS_CHANNEL
 
 CREATE_FUNCTION = f"""

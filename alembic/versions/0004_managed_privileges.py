@@ -22,19 +22,14 @@ import logging
 from sqlalchemy import text
 
 from alembic import op
-from planbus import admin_queries
-from planbus.adoption import (
+from planbus.schema.adoption import added, disable_added_row_security, forget, quote, table_exists
+from planbus.schema.privileges import (
     API_ROLES,
-    added,
     bookkeeping_tables,
     close_bookkeeping,
     close_to_api_roles,
-    disable_added_row_security,
     existing_roles,
-    forget,
-    quote,
     restore_privileges,
-    table_exists,
 )
 
 revision = "0004_managed_privileges"
@@ -177,8 +172,42 @@ def _grant_limit_function() -> None:
         )
 
 
+# One warning line when `anon` or `authenticated` may write lead_registry (the worker's start-up
+# check says the same). Copied as it was when this revision was written: a revision is history.
+LEAD_REGISTRY_WRITABLE_BY_API = """
+WITH acl AS (
+    SELECT a.grantee, a.privilege_type, NULL::name AS column_name
+      FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+     WHERE c.oid = to_regclass('public.lead_registry')
+    UNION ALL
+    SELECT a.grantee, a.privilege_type, att.attname
+      FROM pg_attribute AS att CROSS JOIN LATERAL aclexplode(att.attacl) AS a
+     WHERE att.attrelid = to_regclass('public.lead_registry') AND NOT att.attisdropped
+), open AS (
+    SELECT string_agg(DISTINCT acl.privilege_type, ', ')
+               || coalesce(' (' || quote_ident(acl.column_name) || ')', '') AS privileges,
+           CASE acl.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(acl.grantee))
+           END AS grantee
+      FROM acl
+      JOIN pg_roles AS api ON api.rolname IN ('anon', 'authenticated')
+     WHERE acl.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+       AND (acl.grantee = 0 OR pg_has_role(api.oid, acl.grantee, 'USAGE'))
+     GROUP BY acl.grantee, acl.column_name
+)
+SELECT format('lead_registry is writable by the Mini App''s API roles (%s): a user could '
+              'UPDATE lead_registry SET telegram_id = <their own> on another user''s lead and '
+              'then request plans for it. Close it with: %s (see docs/security.md)',
+              string_agg(format('GRANT %s ON lead_registry TO %s', privileges, grantee), '; '
+                         ORDER BY grantee, privileges),
+              string_agg(format('REVOKE %s ON lead_registry FROM %s;', privileges, grantee), ' '
+                         ORDER BY grantee, privileges))
+  FROM open
+HAVING count(*) > 0
+"""
+
+
 def _warn_when_lead_registry_is_writable() -> None:
-    warning = op.get_bind().execute(text(admin_queries.LEAD_REGISTRY_WRITABLE_BY_API)).scalar()
+    warning = op.get_bind().execute(text(LEAD_REGISTRY_WRITABLE_BY_API)).scalar()
     if warning:
         log.warning("%s", warning)
 

@@ -19,14 +19,13 @@ Revises: 0004_managed_privileges
 from __future__ import annotations
 
 from alembic import op
-from planbus.adoption import (
-    close_to_api_roles,
+from planbus.schema.adoption import (
     ensure_columns,
     forget,
     record,
     remove_added_columns_and_constraints,
-    worker_roles,
 )
+from planbus.schema.privileges import close_to_api_roles, worker_roles
 
 revision = "0005_provider_limits"
 down_revision = "0004_managed_privileges"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from alembic import op
-from planbus.adoption import ensure_columns, forget, remove_added_columns_and_constraints
+from planbus.schema.adoption import ensure_columns, forget, remove_added_columns_and_constraints
 
 revision = "0006_progress"
 down_revision = "0005_provider_limits"

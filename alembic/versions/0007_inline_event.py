@@ -17,14 +17,15 @@ from __future__ import annotations
 import re
 
 from alembic import op
-from planbus.queries import EVENTS_CHANNEL
 
 revision = "0007_inline_event"
 down_revision = "0006_progress"
 branch_labels = None
 depends_on = None
 
-# A plain name: it is written into the function body as a string literal.
+# The contract's events channel, copied here: a revision is history and imports nothing that
+# can change. A plain name: it is written into the function body as a string literal.
+EVENTS_CHANNEL = "plan_request_events"
 assert re.fullmatch(r"[a-z_]+", EVENTS_CHANNEL), EVENTS_CHANNEL
 
 INLINABLE = f"""

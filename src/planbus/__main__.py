@@ -2,6 +2,6 @@
 
 import sys
 
-from planbus.cli import main
+from planbus.ops.cli import main
 
 sys.exit(main())

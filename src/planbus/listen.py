@@ -13,9 +13,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from planbus import logs, runtime
+from planbus.bus.worker import Worker
 from planbus.errors import ConfigurationError
 from planbus.settings import Settings, settings_from_args
-from planbus.worker import Worker
 
 log = logging.getLogger("planbus.listen")
 

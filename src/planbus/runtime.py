@@ -14,11 +14,12 @@ from functools import partial
 import anyio
 from anyio.abc import TaskStatus
 
-from planbus import db, metrics, metrics_server, migrate
-from planbus.embedded import EmbeddedPostgres
-from planbus.planner import Planner, make_planner
+from planbus.bus import db, metrics
+from planbus.bus.worker import Worker
+from planbus.llm.planner import Planner, make_planner
+from planbus.ops import metrics_server, migrate
+from planbus.ops.embedded import EmbeddedPostgres
 from planbus.settings import Settings
-from planbus.worker import Worker
 
 log = logging.getLogger("planbus.listen")
 

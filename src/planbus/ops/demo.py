@@ -13,9 +13,10 @@ from typing import Any
 import anyio
 import psycopg
 
-from planbus import admin_queries, client, console, runtime
+from planbus import runtime
+from planbus.bus.worker import Worker
+from planbus.ops import admin_queries, client, console
 from planbus.settings import Settings
-from planbus.worker import Worker
 
 DEMO_TELEGRAM_ID = 1000
 DEMO_LEADS = [

@@ -19,23 +19,18 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from planbus import admin_queries, effects, queries
-from planbus.accounting import Cost
-from planbus.effects import Outcome
+from planbus.bus import effects, queries
+from planbus.bus.claim import Claim
+from planbus.bus.effects import Outcome
+from planbus.bus.metrics import TokenCounters
+from planbus.bus.retry import throttled_delay
 from planbus.errors import PlanningError, Throttled
-from planbus.leases import Claim
-from planbus.pacing import Pace
-from planbus.retry import throttled_delay
+from planbus.llm.pacing import Pace
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,8 +38,6 @@ log = logging.getLogger(__name__)
 PEER_PAUSE_JITTER = 1.5  # a peer's pause lasts 1 to 1.5 times what the provider said
 CEILING_MARGIN = 0.97
 BURST_MARGIN = 0.9
-
-MAX_MODEL_LABELS = 16  # model names /metrics counts tokens under; the rest count as "other"
 
 REFUSALS = {"rate_limited": "rate limited", "overloaded": "overloaded"}
 
@@ -64,8 +57,7 @@ class ProviderLimits:
         self.per_second = per_minute / 60 * CEILING_MARGIN if per_minute else None
         self.burst = max(1.0, math.floor(per_minute / 60 * BURST_MARGIN)) if per_minute else 1.0
         self._ceiling_until = -math.inf
-        self._tokens: Counter | None = None
-        self._token_counters: dict[str, tuple[Counter, Counter]] = {}  # by model
+        self.tokens: TokenCounters | None = None  # set when /metrics serves this worker
 
     # -- the claim loop ----------------------------------------------------------------------
 
@@ -114,7 +106,8 @@ class ProviderLimits:
         now = time.monotonic()
         if claim.cost is not None:
             claim.cost.model_seconds = now - claim.call_started
-            self._count_tokens(claim.cost)
+            if self.tokens is not None:
+                self.tokens.count(claim.cost)
         if isinstance(error, Throttled):
             was_paused = self.pace.paused(now)
             pause = self._pause_seconds(error)
@@ -192,90 +185,3 @@ class ProviderLimits:
         row = await cursor.fetchone()
         if row and row[0]:
             self.paused_elsewhere(str(row[0]))
-
-    def register(self, registry: CollectorRegistry) -> None:
-        """Serve the pace (read at scrape time) and the tokens spent on /metrics."""
-        registry.register(_PaceCollector(self.pace))
-        self._tokens = Counter(
-            "planbus_llm_tokens",
-            "Tokens the provider reported (`usage`), by kind (prompt, completion) and model.",
-            ["kind", "model"],
-            registry=registry,
-        )
-
-    def _count_tokens(self, cost: Cost) -> None:
-        if self._tokens is None:
-            return
-        model = cost.model or "unknown"
-        counters = self._token_counters.get(model)
-        if counters is None:
-            # The model name is the provider's word: a server naming a new model in every
-            # answer must not grow /metrics without end. Past MAX_MODEL_LABELS names, the
-            # rest count as "other" (and the cache, which saves `labels()` on every answer,
-            # stops growing with them).
-            if len(self._token_counters) >= MAX_MODEL_LABELS:
-                model = "other"
-            counters = self._token_counters[model] = (
-                self._tokens.labels(kind="prompt", model=model),
-                self._tokens.labels(kind="completion", model=model),
-            )
-        if cost.prompt_tokens:
-            counters[0].inc(cost.prompt_tokens)
-        if cost.completion_tokens:
-            counters[1].inc(cost.completion_tokens)
-
-
-class _PaceCollector(Collector):
-    def __init__(self, pace: Pace) -> None:
-        self.pace = pace
-
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "planbus_llm_concurrency_limit",
-            "The adaptive limit on this worker's LLM calls in flight.",
-            value=self.pace.current_limit,
-        )
-        yield CounterMetricFamily(
-            "planbus_llm_throttled_calls",
-            "LLM calls the provider throttled (HTTP 429 rate limit, 503 overloaded).",
-            value=self.pace.throttled_calls,
-        )
-        yield CounterMetricFamily(
-            "planbus_llm_paused_seconds",
-            "Seconds this worker held new LLM calls back for a provider's pause.",
-            value=self.pace.paused_seconds,
-        )
-
-
-# -- `python -m planbus status` --------------------------------------------------------------
-
-
-async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
-    """The provider's side of the queue: pause, throttled requests, pace, last hour's tokens."""
-    cursor = conn.cursor(row_factory=dict_row)
-    await cursor.execute(admin_queries.STATUS_PROVIDER)
-    report: dict[str, Any] = dict(await cursor.fetchone() or {})
-    await cursor.execute(admin_queries.STATUS_TOKENS_LAST_HOUR)
-    report["tokens_last_hour"] = await cursor.fetchall()
-    return report
-
-
-def status_lines(report: dict[str, Any]) -> list[str]:
-    """The status command's lines about the LLM provider."""
-    paused = report.get("paused_seconds") or 0.0
-    pace = f"{report.get('finished_last_minute', 0)} requests finished in the last minute"
-    if paused > 0:
-        pace = f"paused for {paused:.1f}s more (the provider said to wait); {pace}"
-    waiting = report.get("throttled_waiting", 0)
-    if waiting:
-        pace += f"; {waiting} throttled requests waiting"
-    lines = [f"LLM provider: {pace}"]
-    usage = report.get("tokens_last_hour") or []
-    if not usage:
-        lines.append("tokens in the last hour: none")
-    for row in usage:
-        lines.append(
-            f"tokens in the last hour: {row['model']}: {row['prompt_tokens'] or 0} prompt + "
-            f"{row['completion_tokens'] or 0} completion in {row['plans']} plans"
-        )
-    return lines

@@ -21,19 +21,20 @@ from anyio.abc import TaskGroup, TaskStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from planbus import effects, queries
-from planbus.accounting import ledger
-from planbus.db import ListenerState, connect_for_claims, listen_forever
-from planbus.effects import Outcome
+from planbus.bus import effects, queries
+from planbus.bus.claim import Claim
+from planbus.bus.db import ListenerState, connect_for_claims, listen_forever
+from planbus.bus.effects import Outcome
+from planbus.bus.leases import Leases
+from planbus.bus.metrics import PaceCollector, TokenCounters, WorkerMetrics
+from planbus.bus.outcomes import report_outcome
+from planbus.bus.progress import ProgressWriter
+from planbus.bus.retry import Backoff, RetryDecision, decide
+from planbus.bus.throttling import ProviderLimits
 from planbus.errors import PermanentError, PlanningError, Throttled, TransientError, one_line
-from planbus.leases import Claim, Leases
+from planbus.llm.accounting import ledger
+from planbus.llm.planner import Planner
 from planbus.logs import request_fields
-from planbus.metrics import WorkerMetrics
-from planbus.outcomes import report_outcome
-from planbus.planner import Planner
-from planbus.progress import ProgressWriter
-from planbus.provider_limits import ProviderLimits
-from planbus.retry import Backoff, RetryDecision, decide
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class Worker:
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
         self.leases = Leases(settings, pool, self.inflight, self.metrics)
         self.limits = ProviderLimits(settings, pool)
-        self.limits.register(self.metrics.registry)
+        self.metrics.registry.register(PaceCollector(self.limits.pace))
+        self.limits.tokens = TokenCounters(self.metrics.registry)
         self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots

@@ -1,15 +1,16 @@
 """What one plan cost: the model that answered, its tokens, the time spent in the model.
 
 The worker opens a `ledger()` around each planning call; whichever planner answers notes what
-the provider reported into it (`note_answer`). A context variable carries the ledger, so the
-Planner protocol stays `plan(lead)`: each claimed request is planned in a task of its own, and
-a ledger is never shared between two requests. A completed request stores the ledger beside
-its plan in `result` (see `as_result`); /metrics counts the tokens by kind and model.
+the provider reported into `current()` (the openai planner: `openai_planner.note_answer`). A
+context variable carries the ledger, so the Planner protocol stays `plan(lead)`: each claimed
+request is planned in a task of its own, and a ledger is never shared between two requests. A
+completed request stores the ledger beside its plan in `result` (see `as_result`); /metrics
+counts the tokens by kind and model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -53,22 +54,6 @@ def ledger(model: str | None) -> Iterator[Cost]:
         _current.reset(token)
 
 
-def note_answer(completion: Mapping[str, Any]) -> None:
-    """Record the model and `usage` of a Chat Completions answer (or its last streamed chunk)."""
-    cost = _current.get()
-    if cost is None:
-        return
-    model = completion.get("model")
-    if isinstance(model, str) and model:
-        cost.model = model[:200]
-    usage = completion.get("usage")
-    if isinstance(usage, Mapping):
-        cost.prompt_tokens = _count(usage.get("prompt_tokens"))
-        cost.completion_tokens = _count(usage.get("completion_tokens"))
-
-
-def _count(value: object) -> int | None:
-    # A hostile server may send anything here; only a plain non-negative integer counts.
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
-        return value
-    return None
+def current() -> Cost | None:
+    """The ledger of the planning call running in this task, if any."""
+    return _current.get()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -18,18 +19,10 @@ import httpx2
 import openai
 from openai import AsyncOpenAI
 
-from planbus.accounting import note_answer
 from planbus.errors import INVALID_OUTPUT, ConfigurationError, TransientError
-from planbus.plan import (
-    LEAD_TEXT_FIELDS,
-    InvalidPlan,
-    Lead,
-    Plan,
-    plan_json_schema,
-    validate_plan,
-)
-from planbus.provider_errors import ProviderErrors, server_detail
-from planbus.streaming import (
+from planbus.llm import accounting
+from planbus.llm.openai_errors import ProviderErrors, server_detail
+from planbus.llm.openai_stream import (
     AnswerTooLarge,
     NoContentDeltas,
     ProgressCallback,
@@ -37,6 +30,14 @@ from planbus.streaming import (
     StreamBroken,
     read_body,
     read_stream,
+)
+from planbus.llm.plan import (
+    LEAD_TEXT_FIELDS,
+    InvalidPlan,
+    Lead,
+    Plan,
+    plan_json_schema,
+    validate_plan,
 )
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ class OpenAIPlanner:
 
 def load_prompt() -> str:
     """The system prompt, from the package data file `prompts/engagement_plan.md`."""
-    prompt = resources.files("planbus").joinpath("prompts/engagement_plan.md")
+    prompt = resources.files("planbus.llm").joinpath("prompts/engagement_plan.md")
     return prompt.read_text(encoding="utf-8")
 
 
@@ -319,3 +320,24 @@ def _rejects_streaming(exc: openai.APIStatusError) -> bool:
 
 def _error_text(exc: openai.APIStatusError) -> str:
     return f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+
+
+def note_answer(completion: Mapping[str, Any]) -> None:
+    """Record the model and `usage` of a Chat Completions answer (or its last streamed chunk)."""
+    cost = accounting.current()
+    if cost is None:
+        return
+    model = completion.get("model")
+    if isinstance(model, str) and model:
+        cost.model = model[:200]
+    usage = completion.get("usage")
+    if isinstance(usage, Mapping):
+        cost.prompt_tokens = _count(usage.get("prompt_tokens"))
+        cost.completion_tokens = _count(usage.get("completion_tokens"))
+
+
+def _count(value: object) -> int | None:
+    # A hostile server may send anything here; only a plain non-negative integer counts.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None

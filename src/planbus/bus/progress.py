@@ -30,9 +30,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from planbus import queries
+from planbus.bus import queries
 from planbus.errors import one_line
-from planbus.streaming import Progress, ProgressCallback
+from planbus.llm.openai_stream import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,18 @@ from typing import TYPE_CHECKING
 import anyio
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from planbus import admin_queries
+from planbus.bus import checks
 from planbus.errors import PermanentError, PlanningError
+from planbus.llm.accounting import Cost
+from planbus.llm.pacing import Pace
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
-    from planbus.db import ListenerState
+    from planbus.bus.db import ListenerState
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ async def scrape(metrics: WorkerMetrics, pool: AsyncConnectionPool) -> bytes:
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
             async with pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
-                row = await (await conn.execute(admin_queries.QUEUE_STATS)).fetchone()
+                row = await (await conn.execute(checks.QUEUE_STATS)).fetchone()
         depth, age = (row[0], row[1]) if row else (0, None)
         metrics.queue_depth.set(depth)
         metrics.oldest_pending_age.set(age or 0.0)
@@ -158,7 +160,65 @@ async def health(listener: ListenerState, pool: AsyncConnectionPool) -> tuple[bo
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_SECONDS):
             async with pool.connection(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
-                await conn.execute(admin_queries.HEALTH_CHECK)
+                await conn.execute(checks.HEALTH_CHECK)
     except (psycopg.Error, TimeoutError) as exc:
         return False, f"database does not answer ({type(exc).__name__})"
     return True, "ok"
+
+
+MAX_MODEL_LABELS = 16  # model names /metrics counts tokens under; the rest count as "other"
+
+
+class TokenCounters:
+    """Tokens the provider reported, by kind and model, on /metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._tokens = Counter(
+            "planbus_llm_tokens",
+            "Tokens the provider reported (`usage`), by kind (prompt, completion) and model.",
+            ["kind", "model"],
+            registry=registry,
+        )
+        self._by_model: dict[str, tuple[Counter, Counter]] = {}
+
+    def count(self, cost: Cost) -> None:
+        """Add one answer's tokens."""
+        model = cost.model or "unknown"
+        counters = self._by_model.get(model)
+        if counters is None:
+            # The model name is the provider's word: a server naming a new model in every
+            # answer must not grow /metrics without end. Past MAX_MODEL_LABELS names, the
+            # rest count as "other" (and the cache, which saves `labels()` on every answer,
+            # stops growing with them).
+            if len(self._by_model) >= MAX_MODEL_LABELS:
+                model = "other"
+            counters = self._by_model[model] = (
+                self._tokens.labels(kind="prompt", model=model),
+                self._tokens.labels(kind="completion", model=model),
+            )
+        if cost.prompt_tokens:
+            counters[0].inc(cost.prompt_tokens)
+        if cost.completion_tokens:
+            counters[1].inc(cost.completion_tokens)
+
+
+class PaceCollector(Collector):
+    def __init__(self, pace: Pace) -> None:
+        self.pace = pace
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "planbus_llm_concurrency_limit",
+            "The adaptive limit on this worker's LLM calls in flight.",
+            value=self.pace.current_limit,
+        )
+        yield CounterMetricFamily(
+            "planbus_llm_throttled_calls",
+            "LLM calls the provider throttled (HTTP 429 rate limit, 503 overloaded).",
+            value=self.pace.throttled_calls,
+        )
+        yield CounterMetricFamily(
+            "planbus_llm_paused_seconds",
+            "Seconds this worker held new LLM calls back for a provider's pause.",
+            value=self.pace.paused_seconds,
+        )

@@ -10,8 +10,9 @@ from typing import Any
 
 import anyio
 
-from planbus import console, logs
-from planbus.embedded import EmbeddedPostgres, ServerStatus
+from planbus import logs
+from planbus.ops import console
+from planbus.ops.embedded import EmbeddedPostgres, ServerStatus
 from planbus.settings import Settings
 
 EXIT_OK, EXIT_IN_USE = 0, 1

@@ -1,29 +1,11 @@
-"""Every statement outside the worker's own claim-to-effects path: the start-up checks, the
-metrics scrape and the operator commands (`python -m planbus`).
+"""The operator commands' statements (`python -m planbus`): status, show, retry, cancel, purge.
 
-The worker's run-time statements are in `queries.py`; these are read by people and scrapers, so
-none of them is on the path a request takes.
+The worker's own statements are in `planbus.bus.queries` (a request's path) and
+`planbus.bus.checks` (start-up checks, its /metrics scrape); these are read by people, so none
+of them is on the path a request takes.
 """
 
 from typing import LiteralString
-
-# -- start-up checks (db.check_database) ---------------------------------------------------------
-
-# Start-up checks: the schema revision, and that this role may send the events it must send.
-SCHEMA_REVISION: LiteralString = "SELECT version_num FROM alembic_version"
-
-EVENT_RIGHTS: LiteralString = """
-SELECT has_function_privilege(
-    'public.planbus_request_event(bigint, bigint, bigint, text)', 'EXECUTE')
-"""
-
-# Start-up check: the schema this worker needs is in place.
-SCHEMA_READY: LiteralString = """
-SELECT to_regclass('public.plan_requests') IS NOT NULL
-   AND EXISTS (SELECT 1 FROM information_schema.columns
-                WHERE table_schema = 'public' AND table_name = 'plan_requests'
-                  AND column_name = 'claim_token')
-"""
 
 # `python -m planbus status`: the shared pause, the requests waiting out throttling, the pace of
 # the last minute, and the last hour's plans and tokens by model.
@@ -49,12 +31,6 @@ SELECT coalesce(result ->> 'model', 'unknown') AS model, count(*) AS plans,
 
 # -- metrics and operator commands (`python -m planbus`) ---------------------------------------
 
-# Queue depth and oldest pending age, read at scrape time; both use the partial pending index.
-QUEUE_STATS: LiteralString = """
-SELECT (SELECT count(*) FROM plan_requests WHERE status = 'pending'),
-       (SELECT extract(epoch FROM now() - min(created_at))::float8
-          FROM plan_requests WHERE status = 'pending')
-"""
 
 STATUS_COUNTS: LiteralString = "SELECT status, count(*) FROM plan_requests GROUP BY status"
 
@@ -231,70 +207,4 @@ WITH cancelled AS (
 SELECT id, lead_id, public.planbus_request_event(id, lead_id, telegram_id, status)
   FROM cancelled
  ORDER BY id
-"""
-
-# /healthz: the database answers at all.
-HEALTH_CHECK: LiteralString = "SELECT 1"
-
-# -- start-up privilege checks --
-
-# One warning line when `anon` or `authenticated` (directly, through PUBLIC or a role they belong
-# to) may write lead_registry: the ownership rule rests on lead_registry.telegram_id, so such a
-# user could take over another user's lead. No row when it is closed. The migration logs the
-# same line.
-LEAD_REGISTRY_WRITABLE_BY_API: LiteralString = """
-WITH acl AS (
-    SELECT a.grantee, a.privilege_type, NULL::name AS column_name
-      FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a
-     WHERE c.oid = to_regclass('public.lead_registry')
-    UNION ALL
-    SELECT a.grantee, a.privilege_type, att.attname
-      FROM pg_attribute AS att CROSS JOIN LATERAL aclexplode(att.attacl) AS a
-     WHERE att.attrelid = to_regclass('public.lead_registry') AND NOT att.attisdropped
-), open AS (
-    SELECT string_agg(DISTINCT acl.privilege_type, ', ')
-               || coalesce(' (' || quote_ident(acl.column_name) || ')', '') AS privileges,
-           CASE acl.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(acl.grantee))
-           END AS grantee
-      FROM acl
-      JOIN pg_roles AS api ON api.rolname IN ('anon', 'authenticated')
-     WHERE acl.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
-       AND (acl.grantee = 0 OR pg_has_role(api.oid, acl.grantee, 'USAGE'))
-     GROUP BY acl.grantee, acl.column_name
-)
-SELECT format('lead_registry is writable by the Mini App''s API roles (%s): a user could '
-              'UPDATE lead_registry SET telegram_id = <their own> on another user''s lead and '
-              'then request plans for it. Close it with: %s (see docs/security.md)',
-              string_agg(format('GRANT %s ON lead_registry TO %s', privileges, grantee), '; '
-                         ORDER BY grantee, privileges),
-              string_agg(format('REVOKE %s ON lead_registry FROM %s;', privileges, grantee), ' '
-                         ORDER BY grantee, privileges))
-  FROM open
-HAVING count(*) > 0
-"""
-
-# What the worker's role lacks on each table it works on: the missing privileges, and whether
-# row-level security hides the rows from it (RLS on; neither owner, superuser nor BYPASSRLS; no
-# permissive policy for it). A worker that cannot see the rows would claim nothing, forever.
-WORKER_RIGHTS: LiteralString = """
-SELECT t.name,
-       current_user,
-       array_to_string(ARRAY(SELECT p FROM unnest(t.privileges) AS p
-                              WHERE NOT has_table_privilege(c.oid, p)), ', ') AS missing,
-       c.relrowsecurity
-       AND NOT (r.rolsuper OR r.rolbypassrls)
-       AND NOT (pg_has_role(c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)
-       AND NOT EXISTS (
-           SELECT 1 FROM pg_policy AS p
-            WHERE p.polrelid = c.oid AND p.polpermissive AND p.polcmd IN ('r', '*')
-              AND EXISTS (SELECT 1 FROM unnest(p.polroles) AS role
-                           WHERE role = 0 OR pg_has_role(role, 'USAGE'))) AS hidden
-  FROM (VALUES ('plan_requests', ARRAY['SELECT', 'UPDATE']),
-               ('lead_registry', ARRAY['SELECT', 'UPDATE']),
-               ('scheduled_reminders', ARRAY['SELECT', 'INSERT', 'UPDATE']),
-               ('alembic_version', ARRAY['SELECT']),
-               ('planbus_provider_limits', ARRAY['SELECT', 'UPDATE'])) AS t (name, privileges)
-  JOIN pg_class AS c ON c.oid = to_regclass('public.' || t.name)
-  JOIN pg_roles AS r ON r.rolname = current_user
- ORDER BY t.name = 'plan_requests' DESC, t.name
 """

@@ -18,7 +18,7 @@ MIGRATION_LOCK = 0x706C616E627573
 
 def script_location() -> Path:
     """The migrations: inside the package in a wheel, at the repository root in a checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # src/planbus, or planbus in a wheel
     for candidate in (package / "alembic", package.parents[1] / "alembic"):
         if (candidate / "env.py").is_file():
             return candidate

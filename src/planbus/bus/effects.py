@@ -19,11 +19,11 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from psycopg_pool import AsyncConnectionPool
 
-from planbus import queries
+from planbus.bus import queries
+from planbus.bus.claim import Claim
+from planbus.bus.retry import Backoff
 from planbus.errors import INVALID_OUTPUT, TransientError, bounded, one_line
-from planbus.leases import Claim
-from planbus.plan import Plan
-from planbus.retry import Backoff
+from planbus.llm.plan import Plan
 
 log = logging.getLogger(__name__)
 

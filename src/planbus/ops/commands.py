@@ -19,9 +19,10 @@ from typing import Any
 import anyio
 from psycopg import errors
 
-from planbus import admin_queries, client, console, demo, logs, migrate, provider_limits, runtime
-from planbus.client import connection, fetchall
-from planbus.console import clean, plural
+from planbus import logs, runtime
+from planbus.ops import admin_queries, client, console, demo, migrate, status
+from planbus.ops.client import connection, fetchall
+from planbus.ops.console import clean, plural
 from planbus.settings import Settings
 
 log = logging.getLogger("planbus.cli")
@@ -42,7 +43,7 @@ async def status_command(settings: Settings, args: argparse.Namespace) -> int:
                 if args.watch is not None and sys.stdout.isatty():
                     print(CLEAR_SCREEN, end="")
                 print(console.format_status(report))
-                for line in provider_limits.status_lines(report["provider"]):
+                for line in status.status_lines(report["provider"]):
                     print(clean(line))
                 sys.stdout.flush()
             if args.watch is None:

@@ -18,9 +18,9 @@ from psycopg import sql
 from psycopg.abc import RV, PQGen
 from psycopg_pool import AsyncConnectionPool
 
-from planbus import admin_queries, queries
+from planbus.bus import checks, queries
+from planbus.bus.retry import Backoff
 from planbus.errors import ConfigurationError, one_line
-from planbus.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,19 @@ async def check_database(dsn: str, head: str | None) -> None:
         ) from None
     async with conn:
         await check_rights(conn)  # first: without rights the schema looks missing
-        ready = await (await conn.execute(admin_queries.SCHEMA_READY)).fetchone()
+        ready = await (await conn.execute(checks.SCHEMA_READY)).fetchone()
         if not ready or not ready[0]:
             raise ConfigurationError(
                 "the database has no planbus schema: run `alembic upgrade head` first"
             )
         if head is not None:
-            row = await (await conn.execute(admin_queries.SCHEMA_REVISION)).fetchone()
+            row = await (await conn.execute(checks.SCHEMA_REVISION)).fetchone()
             if row is None or row[0] != head:
                 raise ConfigurationError(
                     f"the database schema is at revision {row[0] if row else 'none'}, this "
                     f"worker needs {head}: run `alembic upgrade head`"
                 )
-            allowed = await (await conn.execute(admin_queries.EVENT_RIGHTS)).fetchone()
+            allowed = await (await conn.execute(checks.EVENT_RIGHTS)).fetchone()
             if not allowed or not allowed[0]:
                 raise ConfigurationError(
                     "this role may not send request events: run `GRANT EXECUTE ON FUNCTION "
@@ -106,9 +106,7 @@ async def check_rights(conn: psycopg.AsyncConnection[Any]) -> None:
     """Fail when this role cannot see or change the rows it works on; warn when the Mini App's
     roles may write lead_registry (that defeats the ownership rule)."""
     problems = []
-    for table, role, missing, hidden in await (
-        await conn.execute(admin_queries.WORKER_RIGHTS)
-    ).fetchall():
+    for table, role, missing, hidden in await (await conn.execute(checks.WORKER_RIGHTS)).fetchall():
         if missing:
             problems.append(
                 f"role {role} lacks {missing} on {table} (GRANT {missing} ON {table} TO {role})"
@@ -121,7 +119,7 @@ async def check_rights(conn: psycopg.AsyncConnection[Any]) -> None:
             )
     if problems:
         raise ConfigurationError("; ".join(problems) + "; see docs/security.md")
-    warning = await (await conn.execute(admin_queries.LEAD_REGISTRY_WRITABLE_BY_API)).fetchone()
+    warning = await (await conn.execute(checks.LEAD_REGISTRY_WRITABLE_BY_API)).fetchone()
     if warning is not None:
         log.warning("%s", warning[0])
 

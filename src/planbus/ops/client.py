@@ -16,8 +16,10 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ValidationError
 
-from planbus import admin_queries, db, logs, provider_limits, queries, runtime
+from planbus import logs, runtime
+from planbus.bus import checks, db, queries
 from planbus.errors import ConfigurationError, one_line
+from planbus.ops import admin_queries, status
 from planbus.settings import Settings
 
 log = logging.getLogger("planbus.cli")
@@ -69,7 +71,7 @@ async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
 async def schema_revision(conn: psycopg.AsyncConnection[Any]) -> str | None:
     """The alembic revision the database is at; None when it was never migrated."""
     try:
-        rows = await fetchall(conn, admin_queries.SCHEMA_REVISION)
+        rows = await fetchall(conn, checks.SCHEMA_REVISION)
     except errors.UndefinedTable:
         return None
     return rows[0]["version_num"] if rows else None
@@ -106,7 +108,7 @@ async def status_report(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
         "oldest_pending": oldest[0] if oldest else None,
         "processing": await fetchall(conn, admin_queries.STATUS_PROCESSING, limit),
         "failed_last_hour": await fetchall(conn, admin_queries.STATUS_RECENT_FAILURES, limit),
-        "provider": await provider_limits.status_report(conn),
+        "provider": await status.status_report(conn),
     }
 
 

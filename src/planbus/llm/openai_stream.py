@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from planbus.plan import InvalidPlan, Step, validate_plan
+from planbus.llm.plan import InvalidPlan, Step, validate_plan
 
 # Past this much answer text the steps are no longer followed (the answer is still read and
 # validated at the end): a plan is a few kilobytes, and each look re-reads the whole text.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from planbus.plan import MAX_CONNECT_TEXT, Lead, Plan, validate_plan
+from planbus.llm.plan import MAX_CONNECT_TEXT, Lead, Plan, validate_plan
 
 if TYPE_CHECKING:
+    from planbus.llm.openai_stream import ProgressCallback
     from planbus.settings import Settings
-    from planbus.streaming import ProgressCallback
 
 
 class Planner(Protocol):
@@ -100,7 +100,7 @@ def template_steps(lead: Lead) -> list[dict[str, Any]]:
 def make_planner(settings: Settings) -> Planner:
     """The planner the settings ask for (`auto`: openai when an API key is set)."""
     if settings.resolved_planner == "openai":
-        from planbus.openai_planner import OpenAIPlanner
+        from planbus.llm.openai_planner import OpenAIPlanner
 
         return OpenAIPlanner(settings)
     return TemplatePlanner()

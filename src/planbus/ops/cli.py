@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from planbus import __version__, commands, console, embedded_command, logs
-from planbus.commands import EXIT_OK, EXIT_USAGE
+from planbus import __version__, logs
 from planbus.errors import ConfigurationError
+from planbus.ops import commands, console, embedded_command
+from planbus.ops.commands import EXIT_OK, EXIT_USAGE
 from planbus.settings import OneLineParser, Settings, load_settings
 
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a process ended by SIGPIPE

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from planbus.effects import Outcome
+from planbus.bus.claim import Claim
+from planbus.bus.effects import Outcome
+from planbus.bus.metrics import WorkerMetrics
+from planbus.bus.retry import RetryDecision
 from planbus.errors import PermanentError, PlanningError, Throttled
-from planbus.leases import Claim
 from planbus.logs import request_fields
-from planbus.metrics import WorkerMetrics
-from planbus.retry import RetryDecision
 
 # These are the worker's own lines: operators filter on this logger name.
 log = logging.getLogger("planbus.worker")
