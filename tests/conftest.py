@@ -23,6 +23,8 @@ from psycopg.conninfo import make_conninfo
 from planbus.ops import migrate
 from planbus.ops.embedded import EmbeddedPostgres
 from tests.helpers import Database
+from tests.pgbouncer import PgBouncer
+from tests.pgbouncer import program as pgbouncer_program
 
 TEMPLATE = "planbus_test_template"
 
@@ -112,6 +114,22 @@ def pg_server() -> Iterator[TestServer]:
         yield TestServer(server.dsn, server)
     finally:
         server.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: TestServer) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode (pool size 3) in front of the session's server.
+
+    Skipped only where the binary is missing; CI installs it (.ci/run).
+    """
+    binary = pgbouncer_program()
+    if binary is None:
+        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
+    pooler = PgBouncer(binary, pg_server.admin_dsn).start()
+    try:
+        yield pooler
+    finally:
+        pooler.stop()
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import unquote
 
@@ -124,10 +126,21 @@ async def check_rights(conn: psycopg.AsyncConnection[Any]) -> None:
         log.warning("%s", warning[0])
 
 
+# Work connections never prepare statements on the server (psycopg prepares a statement run
+# five times on one connection). Behind a transaction pooler each transaction may land on
+# another server connection, where the name is unknown or taken by another client's statement
+# (PgBouncer 1.18 has no protocol-level prepared statements; 1.21+ only with
+# max_prepared_statements): claims, sweeps and completions then failed with "prepared
+# statement "_pg3_1" does not exist". Unprepared, each statement is still one round trip
+# (parse, bind, execute in one message); the server plans it each time: see docs/deploy.md
+# for what that cost on a direct connection.
+WORK_CONNECTION: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
+
+
 def make_pool(dsn: str, size: int) -> AsyncConnectionPool:
     """The pool for effects, heartbeats and the sweep; every statement we send is atomic alone,
     so connections run in autocommit and a write costs one round trip."""
-    kwargs: dict[str, Any] = {"autocommit": True, "application_name": "planbus"}
+    kwargs: dict[str, Any] = {**WORK_CONNECTION, "application_name": "planbus"}
     return AsyncConnectionPool(
         dsn,
         min_size=min(2, size),
@@ -149,7 +162,7 @@ async def connect_for_claims(pool: AsyncConnectionPool) -> psycopg.AsyncConnecti
     """
     assert isinstance(pool.conninfo, str), "make_pool builds every pool from a URL"
     return await psycopg.AsyncConnection.connect(
-        pool.conninfo, autocommit=True, application_name="planbus-claim", connect_timeout=10
+        pool.conninfo, **WORK_CONNECTION, application_name="planbus-claim", connect_timeout=10
     )
 
 
@@ -163,6 +176,7 @@ class ListenerState:
 
     def __init__(self) -> None:
         self.connected = False
+        self.started = False  # True once the first connection listens
         self.reconnects = 0
 
 
@@ -183,8 +197,48 @@ class ListenConnection(psycopg.AsyncConnection[Any]):
         return await super().wait(gen, interval=max(interval, 3600.0), timeout=timeout)
 
 
+# How long a probe notification may take to come back once it is committed. A session
+# connection hears it within milliseconds; behind a transaction pooler it never arrives.
+PROBE_SECONDS = 3.0
+
+DEAF_LISTEN = (
+    "PLANBUS_DATABASE_URL (or DATABASE_URL, --database-url) hears no notifications: LISTEN "
+    "needs a session connection (direct, or a pooler in session mode), not a transaction "
+    "pooler (PgBouncer pool_mode = transaction, Supavisor port 6543); put the pooled URL in "
+    "PLANBUS_WORK_DATABASE_URL instead (docs/deploy.md)"
+)
+
+
+async def hears_itself(
+    conn: psycopg.AsyncConnection[Any],
+    pool: AsyncConnectionPool,
+    on_notify: Callable[[psycopg.Notify], None],
+) -> bool:
+    """True when a notification sent from another (pooled) connection reaches `conn`.
+
+    The channel is this connection's own, so no other worker hears the probe. Notifications
+    on the real channels that arrive meanwhile go to `on_notify` as usual.
+    """
+    channel = f"planbus_probe_{secrets.token_hex(8)}"
+    await listen(conn, channel)
+    async with pool.connection() as other:
+        await other.execute(checks.LISTEN_PROBE, {"channel": channel})
+    heard = False
+    # Closed before the UNLISTEN: until then the generator holds the connection's lock.
+    async with aclosing(conn.notifies(timeout=PROBE_SECONDS)) as notifies:
+        async for notify in notifies:
+            if notify.channel == channel:
+                heard = True
+                break
+            on_notify(notify)
+    if heard:
+        await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+    return heard
+
+
 async def listen_forever(
     dsn: str,
+    pool: AsyncConnectionPool,
     on_notify: Callable[[psycopg.Notify], None],
     on_connect: Callable[[bool], Awaitable[None]],
     state: ListenerState,
@@ -194,10 +248,11 @@ async def listen_forever(
     """LISTEN on a dedicated autocommit connection; reconnect with backoff, never exit.
 
     `on_connect(reconnected)` runs after every (re)connect so the caller can catch up on
-    notifications it may have missed while disconnected.
+    notifications it may have missed while disconnected. A connection that does not hear its
+    own probe (see `hears_itself`) raises ConfigurationError, at start-up (before
+    `task_status.started()`) or after a reconnect (`state.started` is then True).
     """
     backoff = Backoff(base=0.05, cap=5.0)
-    started = False
     while True:
         try:
             # TCP keepalives: a LISTEN connection that dies silently would cost every wake-up.
@@ -212,16 +267,18 @@ async def listen_forever(
             ) as conn:
                 await listen(conn, queries.LISTEN_CHANNEL)
                 await listen(conn, queries.PROVIDER_CHANNEL)  # a peer's provider pause
+                if not await hears_itself(conn, pool, on_notify):
+                    raise ConfigurationError(DEAF_LISTEN)
                 state.connected = True
-                if started:
+                if state.started:
                     state.reconnects += 1
                     log.info(
                         "LISTEN connection reconnected after %d failed attempts", backoff.failures
                     )
                 backoff.succeeded()
-                await on_connect(started)
-                if not started:
-                    started = True
+                await on_connect(state.started)
+                if not state.started:
+                    state.started = True
                     task_status.started()
                 async for notify in conn.notifies():
                     on_notify(notify)
