@@ -86,9 +86,12 @@ async def test_a_listen_url_on_a_transaction_pooler_is_refused_with_one_line(
 ) -> None:
     worker = WorkerProcess(pgbouncer.dsn(database.url), tmp_path / "worker.log")
     started = time.monotonic()
-    with pytest.raises(AssertionError, match=r"exited \(2\)"):
-        await worker.start(within=20)
-    code = await worker.wait()
+    try:
+        with pytest.raises(AssertionError, match=r"exited \(2\)"):
+            await worker.start(within=20)
+        code = await worker.wait()
+    finally:
+        await worker.aclose()
     took = time.monotonic() - started
     lines = worker.log().strip().splitlines()
 

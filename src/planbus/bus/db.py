@@ -267,8 +267,6 @@ async def listen_forever(
             ) as conn:
                 await listen(conn, queries.LISTEN_CHANNEL)
                 await listen(conn, queries.PROVIDER_CHANNEL)  # a peer's provider pause
-                if not await hears_itself(conn, pool, on_notify):
-                    raise ConfigurationError(DEAF_LISTEN)
                 state.connected = True
                 if state.started:
                     state.reconnects += 1
@@ -276,7 +274,9 @@ async def listen_forever(
                         "LISTEN connection reconnected after %d failed attempts", backoff.failures
                     )
                 backoff.succeeded()
-                await on_connect(state.started)
+                await on_connect(state.started)  # first: it drops pooled connections that died
+                if not await hears_itself(conn, pool, on_notify):
+                    raise ConfigurationError(DEAF_LISTEN)
                 if not state.started:
                     state.started = True
                     task_status.started()
