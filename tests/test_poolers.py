@@ -6,6 +6,7 @@ out at start-up. Real `python -m planbus.listen` processes, as in test_faults.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.helpers import Database
+from tests.helpers import Database, eventually, running_worker
 from tests.llm_server import FakeLLM, Reply
 from tests.pgbouncer import PgBouncer
 from tests.processes import Fleet, WorkerProcess
@@ -102,3 +105,55 @@ async def test_a_listen_url_on_a_transaction_pooler_is_refused_with_one_line(
     assert "LISTEN needs a session connection" in lines[-1]
     assert "Traceback" not in worker.log()
     report(f"LISTEN URL on PgBouncer transaction mode: exit 2 after {took:.2f}s: {lines[-1]}")
+
+
+class Forwarder:
+    """A TCP forwarder to the test server that the test can take away, connections and all."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.scope = anyio.CancelScope()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with self.scope:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            self.port = listener.extra(SocketAttribute.local_port)
+            async with listener:
+                task_status.started()
+                await listener.serve(self._forward)
+
+    async def _forward(self, client: SocketStream) -> None:
+        async with client, await anyio.connect_tcp("127.0.0.1", self.target_port) as server:
+            async with anyio.create_task_group() as both:
+                both.start_soon(self._pipe, client, server)
+                both.start_soon(self._pipe, server, client)
+
+    @staticmethod
+    async def _pipe(source: SocketStream, sink: SocketStream) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send(chunk)
+        await sink.aclose()
+
+
+async def test_a_listen_reconnect_that_lands_on_a_transaction_pooler_stops_the_worker(
+    database: Database, pgbouncer: PgBouncer
+) -> None:
+    direct = conninfo_to_dict(database.url)
+    async with anyio.create_task_group() as tg:
+        forwarder = Forwarder(int(str(direct["port"])))
+        await tg.start(forwarder.run)
+        # libpq tries the hosts in order: the forwarder while it is there, then the pooler.
+        listen_url = make_conninfo(
+            database.url, host="127.0.0.1,127.0.0.1", port=f"{forwarder.port},{pgbouncer.port}"
+        )
+        async with running_worker(listen_url, work_database_url=database.url) as worker:
+            first = await database.insert_request(await database.insert_lead())
+            assert (await database.wait_for(first))["status"] == "completed"
+            forwarder.scope.cancel()  # the LISTEN connection drops; its reconnect finds the pooler
+            await eventually(lambda: worker.failure is not None, 20, "the worker to give up")
+        tg.cancel_scope.cancel()
+    assert worker.failure is not None
+    assert "LISTEN needs a session connection" in str(worker.failure)
+    assert not worker.inflight
