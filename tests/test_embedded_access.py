@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from planbus.errors import ConfigurationError
 from planbus.ops import embedded, embedded_access, embedded_folders
 from tests.test_embedded import dsn_of, planbus, request_completes
 from tests.test_listen_command import READY, Listener, listen_env, listener_factory
@@ -113,3 +114,38 @@ def test_as_root_the_server_runs_without_roots_group(data_root: Path) -> None:
         assert ids["Groups"] == []
     finally:
         server.stop("immediate")
+
+
+def refused_without_password(port: int) -> bool:
+    try:
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        return "password" in str(exc)
+    return False
+
+
+def test_a_folder_an_older_planbus_left_trusting_is_closed_at_its_next_start(
+    data_root: Path,
+) -> None:
+    data = data_root / "pg"
+    server = embedded.EmbeddedPostgres(data)
+    server.start()
+    server.stop("immediate")
+    # As an older planbus left it: `initdb --auth=trust`, no password, no password file.
+    (data / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+    (data / embedded_access.PASSFILE).unlink()
+
+    again = embedded.EmbeddedPostgres(data)
+    dsn = again.start()
+    try:
+        assert again.port is not None and refused_without_password(again.port)
+        for url in (dsn, embedded_access.tcp_dsn(data, again.port)):
+            with psycopg.connect(url) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert stat.S_IMODE((data / embedded_access.PASSFILE).stat().st_mode) == 0o600
+        # A server such a planbus left running is not joined: it would still trust everyone.
+        (data / embedded_access.PASSFILE).unlink()
+        with pytest.raises(ConfigurationError, match="embedded stop --force"):
+            embedded.EmbeddedPostgres(data).start()
+    finally:
+        again.stop("immediate")

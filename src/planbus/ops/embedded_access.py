@@ -10,7 +10,7 @@ There are two ways in, each closed to other local users:
   mode 0600) in that same folder; a TCP DSN names it with the `passfile` parameter.
 
 The DSN planbus logs and uses is the socket's; the TCP one is for a folder whose path is too
-long for a socket (a socket's path has at most 107 bytes) and for tools that speak only TCP.
+long for a socket (a socket path has at most 103 bytes, as macOS allows) and for tools that speak only TCP.
 As root the server runs as a system user and owns the folder: root enters it anyway.
 """
 
@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 PASSFILE = "planbus.pgpass"
 SUPERUSER = "postgres"
-SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the final NUL
+SOCKET_PATH_MAX = 103  # sun_path holds 108 bytes on Linux, 104 on macOS, the final NUL included
 
 # Rewritten at every start of the server, so a folder made by an older planbus (which trusted
 # every connection) is closed too. The first matching line decides.
