@@ -10,7 +10,7 @@ There are two ways in, each closed to other local users:
   mode 0600) in that same folder; a TCP DSN names it with the `passfile` parameter.
 
 The DSN planbus logs and uses is the socket's; the TCP one is for a folder whose path is too
-long for a socket (a socket path has at most 103 bytes, as macOS allows) and for tools that speak only TCP.
+long for a socket (at most 103 bytes, as macOS allows) and for tools that speak only TCP.
 As root the server runs as a system user and owns the folder: root enters it anyway.
 """
 
