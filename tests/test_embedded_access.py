@@ -149,3 +149,22 @@ def test_a_folder_an_older_planbus_left_trusting_is_closed_at_its_next_start(
             embedded.EmbeddedPostgres(data).start()
     finally:
         again.stop("immediate")
+
+
+def test_a_data_folder_too_long_for_a_socket_is_reached_by_tcp_with_its_password_file(
+    data_root: Path,
+) -> None:
+    data = data_root / ("d" * 60) / ("e" * 60) / "pg"
+    data.parent.mkdir(parents=True)
+    data.parent.chmod(0o755)
+    data.parent.parent.chmod(0o755)
+    assert not embedded_access.socket_fits(data)
+    server = embedded.EmbeddedPostgres(data)
+    dsn = server.start()
+    try:
+        assert server.port is not None and dsn == embedded_access.tcp_dsn(data, server.port)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert refused_without_password(server.port)
+    finally:
+        server.stop("immediate")
