@@ -210,13 +210,16 @@ def _field_problem(name: Any, value: Any) -> str | None:
 
 def visible(text: str) -> bool:
     """Whether `text` shows anything: not only spaces, controls and zero-width characters."""
+    if "!" <= text[:1] <= "~":  # the common case: it starts with a printable ASCII character
+        return True
     if text.isascii():
         return bool(text.strip(INVISIBLE_ASCII))
-    return any(
-        not unicodedata.category(char).startswith(INVISIBLE_CATEGORIES)
-        and char not in BLANK_CHARACTERS
-        for char in text
-    )
+    for char in text.strip():  # a plain loop: it ends at the first visible character
+        if char not in BLANK_CHARACTERS and not unicodedata.category(char).startswith(
+            INVISIBLE_CATEGORIES
+        ):
+            return True
+    return False
 
 
 def _what(text: str) -> str:
