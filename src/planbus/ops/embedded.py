@@ -12,7 +12,7 @@ that died are ignored. `python -m planbus embedded status|stop` shows and stops 
 As root, the server runs as a system user (PostgreSQL refuses root). planbus never loosens a
 folder's mode for it: the data folder must be reachable by that user (the root default moves to
 /var/lib/planbus when the checkout is not), and binaries it cannot reach are copied next to the
-data folder. The server runs with that user's group only, never root's.
+data folder. The server runs with that user's own groups only, never root's.
 """
 
 from __future__ import annotations
@@ -270,8 +270,10 @@ class EmbeddedPostgres:
     def _run(self, program: str, *args: str, input: str | None = None) -> None:
         kwargs: dict[str, Any] = {"input": input} if input else {"stdin": subprocess.DEVNULL}
         if self._user:
-            # The system user's own group, and no other: never root's gid 0 and groups.
-            kwargs |= {"user": self._user, "group": _group(self._user), "extra_groups": []}
+            # The system user's own groups, as a login gives them: never root's gid 0 and groups.
+            gid = _group(self._user)
+            groups = os.getgrouplist(self._user, gid)
+            kwargs |= {"user": self._user, "group": gid, "extra_groups": groups}
         done = subprocess.run(
             [str(self._bin / program), *args],
             capture_output=True,
