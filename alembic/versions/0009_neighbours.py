@@ -17,7 +17,8 @@ Revises: 0008_workers
 from __future__ import annotations
 
 from alembic import op
-from planbus.schema.privileges import existing_roles
+from planbus.schema.adoption import quote
+from planbus.schema.privileges import API_ROLES, existing_roles
 
 revision = "0009_neighbours"
 down_revision = "0008_workers"
@@ -115,10 +116,13 @@ REVOKE EXECUTE ON FUNCTION public.planbus_id_was_drawn(bigint) FROM PUBLIC;
 CREATE FUNCTION public.planbus_refuse_client_id() RETURNS trigger
 LANGUAGE plpgsql SET search_path = '' AS $$
 BEGIN
-    IF public.planbus_acts_for_mini_app() AND NOT public.planbus_id_was_drawn(NEW.id) THEN
-        RAISE EXCEPTION 'plan_requests: id may not be set by the client; insert only lead_id, '
-                        'telegram_id and status'
-            USING ERRCODE = 'insufficient_privilege';
+    -- Nested, so that only the Mini App's roles call the function granted to them.
+    IF public.planbus_acts_for_mini_app() THEN
+        IF NOT public.planbus_id_was_drawn(NEW.id) THEN
+            RAISE EXCEPTION 'plan_requests: id may not be set by the client; insert only '
+                            'lead_id, telegram_id and status'
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
     END IF;
     RETURN NEW;
 END
@@ -141,7 +145,12 @@ def upgrade() -> None:
     op.execute(ACTS_FOR_MINI_APP)
     op.execute(LIMIT.format(body=LIMIT_BODY.format(who=WHO_NOW)))
     op.execute(REFUSE_CLIENT_ID)
-    if TMA_ROLE in existing_roles((TMA_ROLE,)):
+    # Managed platforms grant every new function to the API roles; only the Mini App needs it.
+    roles = existing_roles(API_ROLES)
+    if roles:
+        who = ", ".join(quote(role) for role in roles)
+        op.execute(f"REVOKE EXECUTE ON FUNCTION public.planbus_id_was_drawn(bigint) FROM {who}")
+    if TMA_ROLE in roles:
         op.execute(f"GRANT EXECUTE ON FUNCTION public.planbus_id_was_drawn(bigint) TO {TMA_ROLE}")
 
 
