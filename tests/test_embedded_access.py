@@ -93,6 +93,9 @@ def test_another_os_user_cannot_connect_by_tcp_or_socket(
     assert request_completes(dsn)
     with psycopg.connect(state.tcp_dsn) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    by_password = f"host=127.0.0.1 port={state.port} user=postgres dbname=postgres"
+    with psycopg.connect(by_password, password=embedded_access.password(data)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
     shown = planbus(
         "embedded", "psql", "--", "-Atc", "SELECT current_user", PLANBUS_DATA_DIR=str(data)
     )

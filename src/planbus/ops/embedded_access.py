@@ -76,6 +76,12 @@ def write_passfile(data_dir: Path, password: str) -> None:
     partial.rename(path)
 
 
+def password(data_dir: Path) -> str:
+    """The superuser's password, for a client that cannot read a password file itself (e.g. a
+    pooler's configuration); readable only by the folder's owner and root."""
+    return (data_dir / PASSFILE).read_text().strip().rsplit(":", 1)[1]
+
+
 def set_password_statement(password: str) -> str:
     """What single-user mode runs to give the superuser `password` (URL-safe: no quoting)."""
     assert password.replace("-", "").replace("_", "").isalnum()
