@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from planbus.ops import migrate
+from planbus.ops import embedded_access, migrate
 from planbus.ops.embedded import EmbeddedPostgres
 from tests.helpers import Database
 from tests.pgbouncer import PgBouncer
@@ -125,7 +125,12 @@ def pgbouncer(pg_server: TestServer) -> Iterator[PgBouncer]:
     binary = pgbouncer_program()
     if binary is None:
         pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
-    pooler = PgBouncer(binary, pg_server.admin_dsn).start()
+    server_dsn = pg_server.admin_dsn
+    embedded = pg_server.embedded
+    if embedded is not None:  # its socket folder is closed to PgBouncer's user: TCP, password
+        assert embedded.port is not None
+        server_dsn = embedded_access.tcp_dsn(embedded.data_dir, embedded.port)
+    pooler = PgBouncer(binary, server_dsn).start()
     try:
         yield pooler
     finally:

@@ -2,12 +2,14 @@
 
 Debian's `pgbouncer` package (1.18, no protocol-level prepared statements: what Supabase and
 InsForge users meet behind port 6543). PgBouncer refuses to run as root, so under root it
-switches to `nobody` (its own `-u`); its ini lives in a temporary folder that user can read.
+switches to `nobody` (its own `-u`); its ini (with the server's password) lives in a 0700
+temporary folder of that user's.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 PROGRAM = "pgbouncer"
+RUN_AS = "nobody"  # under root: PgBouncer refuses to run as root
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
 
@@ -41,8 +44,8 @@ class PgBouncer:
         self.server = conninfo_to_dict(server_dsn)
         self.pool_size = pool_size
         self.folder = Path(tempfile.mkdtemp(prefix="planbus-pgbouncer-"))
-        self.folder.chmod(0o755)  # `nobody` reads the ini and the auth file
         self.port = 0
+        self.server_password = ""  # what PgBouncer logs in to the server with, if anything
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,8 +63,9 @@ class PgBouncer:
             "port": str(self.server.get("port") or "5432"),
             "user": user,
         }
-        if self.server.get("password"):
-            target["password"] = str(self.server["password"])
+        self.server_password = str(self.server.get("password") or self._from_passfile() or "")
+        if self.server_password:
+            target["password"] = self.server_password
         self.port = free_port()
         auth = self.folder / "users.txt"
         auth.write_text(f'"{user}" ""\n')
@@ -82,17 +86,33 @@ class PgBouncer:
             "server_idle_timeout = 10\n"
             "ignore_startup_parameters = extra_float_digits,options\n"
         )
+        # The ini holds the server's password: readable by PgBouncer's user only (mkdtemp made
+        # the folder 0700).
         for path in (auth, ini):
-            path.chmod(0o644)
+            path.chmod(0o600)
         command = [self.binary, str(ini)]
         if os.geteuid() == 0:  # it refuses root; as anyone else it runs as that user
-            command[1:1] = ["-u", "nobody"]
+            command[1:1] = ["-u", RUN_AS]
+            nobody = pwd.getpwnam(RUN_AS)
+            for path in (self.folder, auth, ini):
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
         self._wait_ready()
         return self
+
+    def _from_passfile(self) -> str | None:
+        """The password in the DSN's passfile (the embedded server keeps one, `*:*:*:user:pw`):
+        PgBouncer reads no passfile, its [databases] line names the password."""
+        passfile = self.server.get("passfile")
+        if not passfile:
+            return None
+        for line in Path(str(passfile)).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                return line.rsplit(":", 1)[1]
+        return None
 
     def _wait_ready(self, within: float = 15.0) -> None:
         assert self.process is not None

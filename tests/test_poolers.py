@@ -146,7 +146,10 @@ async def test_a_listen_reconnect_that_lands_on_a_transaction_pooler_stops_the_w
         await tg.start(forwarder.run)
         # libpq tries the hosts in order: the forwarder while it is there, then the pooler.
         listen_url = make_conninfo(
-            database.url, host="127.0.0.1,127.0.0.1", port=f"{forwarder.port},{pgbouncer.port}"
+            database.url,
+            host="127.0.0.1,127.0.0.1",
+            port=f"{forwarder.port},{pgbouncer.port}",
+            password=pgbouncer.server_password or None,  # TCP to the server needs it
         )
         async with running_worker(listen_url, work_database_url=database.url) as worker:
             first = await database.insert_request(await database.insert_lead())

@@ -12,7 +12,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import SocketStream, TaskStatus
+from anyio.streams.stapled import MultiListener
 
 from planbus.bus import db, metrics
 from planbus.bus.worker import Worker
@@ -81,13 +82,16 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
+    bound: MultiListener[SocketStream] | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The worker's /metrics and /healthz on host:port until cancelled; reports the port."""
+    """The worker's /metrics and /healthz on host:port (or on `bound`, bound there by
+    `metrics_server.listen`) until cancelled; reports the port."""
     await metrics_server.serve(
         host,
         port,
         partial(metrics.scrape, worker.metrics, worker.pool),
         partial(metrics.health, worker.listener, worker.pool),
+        bound=bound,
         task_status=task_status,
     )
