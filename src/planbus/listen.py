@@ -78,6 +78,8 @@ async def run_worker(settings: Settings, shutdown: Shutdown) -> None:
                 )
             await worker.run()
             tg.cancel_scope.cancel()
+        if worker.failure is not None:  # e.g. a LISTEN URL that hears nothing: exit 2
+            raise worker.failure
 
 
 def settle_heap() -> None:

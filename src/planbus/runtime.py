@@ -68,7 +68,10 @@ async def open_worker(
         if planner is None:
             planner = make_planner(settings)
             stack.push_async_callback(planner.aclose)
-        pool = db.make_pool(settings.work_database_url or dsn, settings.pool_size)
+        # The work URL may be a transaction pooler; the database URL is a session (the LISTEN
+        # probe stops the worker otherwise), where prepared statements save the planning.
+        work_url = settings.work_database_url
+        pool = db.make_pool(work_url or dsn, settings.pool_size, prepare=work_url is None)
         await pool.open(wait=True, timeout=30)
         stack.push_async_callback(pool.close)
         yield Worker(settings, dsn, pool, planner, worker_id or db.worker_name())
