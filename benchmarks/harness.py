@@ -138,7 +138,12 @@ class Postgres:
             [
                 sys.executable,
                 "-c",
-                "import sys; from planbus.ops import migrate; migrate.upgrade(sys.argv[1])",
+                # planbus.ops.migrate since the folders; planbus.migrate in a `compare --before`
+                # copy from before them.
+                "import sys, importlib, importlib.util as u; "
+                "migrate = importlib.import_module("
+                "'planbus.ops.migrate' if u.find_spec('planbus.ops') else 'planbus.migrate'); "
+                "migrate.upgrade(sys.argv[1])",
                 self.dsn(template),
             ],
             env={**os.environ, "PYTHONPATH": str(source / "src")},
