@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import defaultdict
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from planbus.bus.tracing import EXTRA_MISSING
+from planbus.bus.tracing import EXTRA_MISSING, NO_TRACING, open_tracing
 from planbus.llm.accounting import ledger
 from planbus.llm.openai_planner import note_answer
+from planbus.llm.planner import TemplatePlanner
 from tests.helpers import Database, eventually
 from tests.llm_server import FakeLLM, Reply
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -185,3 +187,37 @@ def test_the_finish_reason_is_noted_from_a_whole_answer_and_from_a_stream() -> N
         with ledger(MODEL) as cost:
             note_answer(hostile)
         assert cost.finish_reason is None
+
+
+URL = "http://127.0.0.1:9"  # nothing is exported in these tests: the provider is closed unused
+
+
+@pytest.mark.parametrize(
+    ("environ", "traced"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": " "}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": URL, "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": URL, "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": URL}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": URL + "/v1/traces"}, True),
+    ],
+    ids=["unset", "blank", "sdk disabled", "exporter none", "endpoint", "traces endpoint"],
+)
+async def test_the_endpoint_turns_tracing_on_and_the_sdk_switches_turn_it_off(
+    environ: dict[str, str], traced: bool
+) -> None:
+    tracing = open_tracing(environ, TemplatePlanner(), "test-worker")
+    try:
+        assert (tracing is not NO_TRACING) == traced
+    finally:
+        await tracing.aclose()
+
+
+async def test_a_grpc_protocol_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": URL, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    with caplog.at_level(logging.WARNING, logger="planbus.bus.tracing"):
+        tracing = open_tracing(environ, TemplatePlanner(), "test-worker")
+    await tracing.aclose()
+    assert tracing is not NO_TRACING
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL=grpc is ignored" in caplog.text
