@@ -129,6 +129,36 @@ async def test_a_request_without_a_traceparent_gets_a_trace_of_its_own(
     assert all(root.start_ns <= span.start_ns <= span.end_ns <= root.end_ns for span in children)
 
 
+async def test_a_request_handed_back_on_stop_ends_its_trace(
+    database: Database, tmp_path: Path
+) -> None:
+    with FakeLLM(default=Reply(hang=True)) as llm, OtlpReceiver() as receiver:
+        env = traced(receiver) | {"PLANBUS_SHUTDOWN_GRACE_SECONDS": "0.2"}
+        worker = WorkerProcess(
+            database.url, tmp_path / "worker.log", llm_base_url=llm.base_url, env=env
+        )
+        lead = await database.insert_lead(telegram_id=ALICE)
+        try:
+            await worker.start()
+            request_id = await tma_insert(database.url, ALICE, lead)
+            await eventually(lambda: len(llm.calls) == 1, 10, "the model call")
+            code, _ = await worker.terminate()
+            assert code == 0, worker.log()
+        finally:
+            await worker.aclose()
+        await eventually(lambda: len(receiver.spans) >= 4, 10, "the attempt's spans")
+    assert (await database.request(request_id))["status"] == "pending"
+    spans = {span.name: span for span in receiver.spans}
+    assert set(spans) == {
+        "process plan_request",
+        "claim plan_request",
+        f"chat {MODEL}",
+        "store plan_request",
+    }
+    assert spans["store plan_request"].attributes["planbus.outcome"] == "handed_back"
+    assert spans["process plan_request"].attributes["planbus.outcome"] == "handed_back"
+
+
 @pytest.mark.parametrize("endpoint_set", [False, True], ids=["unset", "set"])
 async def test_opentelemetry_is_imported_only_when_the_endpoint_is_set(
     database: Database, tmp_path: Path, endpoint_set: bool

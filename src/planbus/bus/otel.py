@@ -12,7 +12,7 @@ nothing is held open across the event loop:
 - `chat {model}`: the model call, with the GenAI semantic conventions' attributes (or
   `plan template` for the offline planner);
 - `store plan_request`: the write that ended the attempt (the completed plan's effects, or
-  the request given back or failed), with the outcome.
+  the request given back, failed, or handed back on a graceful stop), with the outcome.
 
 Their parent is the request's `traceparent` when the client sent one (W3C Trace Context); a
 request without one gets a `process plan_request` span of its own as the root of its trace.
@@ -186,6 +186,8 @@ class OtelAttempt:
         return f"chat {model}", SpanKind.CLIENT, attributes
 
     def finished(self, outcome: str, error: PlanningError | None) -> None:
+        if self._asked and not self._answered:  # handed back on stop: the call was cancelled
+            self.answered(None, None)
         now = time.time_ns()
         store = self.tracing.tracer.start_span(
             "store plan_request",
