@@ -44,8 +44,10 @@ class WorkerProcess:
         llm_base_url: str | None = None,
         flags: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        module: str = "planbus.listen",
     ) -> None:
         self.database_url = database_url
+        self.module = module  # what `python -m` runs: the worker, or a script that wraps it
         self.log_path = log_path
         self.llm_base_url = llm_base_url
         self.flags = list(flags)
@@ -66,11 +68,12 @@ class WorkerProcess:
         return self.process is not None and self.process.returncode is None
 
     def environment(self) -> dict[str, str]:
-        """The parent's environment without any planbus/openai settings, plus the test's."""
+        """The parent's environment without any planbus/openai/OpenTelemetry settings, plus the
+        test's."""
         env = {
             key: value
             for key, value in os.environ.items()
-            if not key.startswith(("PLANBUS_", "OPENAI_")) and key != "DATABASE_URL"
+            if not key.startswith(("PLANBUS_", "OPENAI_", "OTEL_")) and key != "DATABASE_URL"
         }
         env.update(TEST_ENV)
         env["PLANBUS_DATABASE_URL"] = self.database_url
@@ -89,7 +92,7 @@ class WorkerProcess:
         self._log_file = self.log_path.open("ab")
         self.started_at = time.monotonic()
         self.process = await anyio.open_process(
-            [sys.executable, "-m", "planbus.listen", *self.flags],
+            [sys.executable, "-m", self.module, *self.flags],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=self._log_file,

@@ -129,7 +129,12 @@ async def test_grants_are_exactly_what_the_tma_needs(database: Database) -> None
         "WHERE table_name = 'plan_requests' AND grantee = 'authenticated' "
         "AND privilege_type = 'INSERT' ORDER BY 1"
     )
-    assert [r["column_name"] for r in columns] == ["lead_id", "status", "telegram_id"]
+    assert [r["column_name"] for r in columns] == [
+        "lead_id",
+        "status",
+        "telegram_id",
+        "traceparent",
+    ]
     for privilege in ("UPDATE", "DELETE", "TRUNCATE"):
         assert not await database.value(
             "SELECT has_table_privilege('authenticated', 'plan_requests', %s)", (privilege,)

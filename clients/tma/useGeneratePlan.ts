@@ -23,6 +23,11 @@
 //
 // (The table must be in the `supabase_realtime` publication.) Keep a slow poll as well: a
 // subscription that drops silently must not leave the spinner turning forever.
+//
+// Traces: each tap sends a W3C `traceparent` with its insert (a new trace id and span id from
+// crypto.getRandomValues, unless the app passes its own tracer's). Where the worker exports
+// traces (OTEL_EXPORTER_OTLP_ENDPOINT), every attempt at the request (its claim, the model
+// call, the stored plan) is a child of that span, so one trace id finds the whole story.
 
 import type { PostgrestClient } from '@supabase/postgrest-js';
 import { useMutation, useQuery, useQueryClient } from '@tanstack/react-query';
@@ -68,13 +73,15 @@ export type PlanRequest = {
     | { error: string }
     | { previous_error: string };
   progress: PlanProgress | null;
+  traceparent: string | null; // the W3C trace context sent with the insert, if any
   attempts: number;
   created_at: string;
   updated_at: string;
 };
 
+// One string literal: postgrest-js types each row from it.
 const COLUMNS =
-  'id, lead_id, telegram_id, status, result, progress, attempts, created_at, updated_at';
+  'id, lead_id, telegram_id, status, result, progress, traceparent, attempts, created_at, updated_at';
 const POLL_PROCESSING_MS = 1_000;
 const POLL_PENDING_MS = 3_000;
 const TIMEOUT_MS = 90_000;
@@ -84,16 +91,32 @@ export class PlanError extends Error {}
 
 export const requestKey = (id: number | null) => ['planRequest', id] as const;
 
+function randomHex(bytes: number): string {
+  const values = crypto.getRandomValues(new Uint8Array(bytes));
+  return Array.from(values, (byte) => byte.toString(16).padStart(2, '0')).join('');
+}
+
+/** A new W3C traceparent: version 00, a random trace id and span id, sampled (flags 01). */
+export function newTraceparent(): string {
+  let traceId = randomHex(16);
+  let spanId = randomHex(8);
+  // An all-zero id is invalid (the database refuses it); with random bytes, all but never.
+  while (/^0+$/.test(traceId)) traceId = randomHex(16);
+  while (/^0+$/.test(spanId)) spanId = randomHex(8);
+  return `00-${traceId}-${spanId}-01`;
+}
+
 /** Insert a request or, when the lead already has an active one, return that one. */
 async function startRequest(
   db: PostgrestClient,
   leadId: number,
   telegramId: number,
+  traceparent: string,
 ): Promise<PlanRequest> {
   for (let tries = 0; tries < 2; tries++) {
     const inserted = await db
       .from('plan_requests')
-      .insert({ lead_id: leadId, telegram_id: telegramId })
+      .insert({ lead_id: leadId, telegram_id: telegramId, traceparent })
       .select(COLUMNS)
       .single();
     if (!inserted.error) return inserted.data as PlanRequest;
@@ -162,11 +185,15 @@ export type GeneratePlan = {
  * `db` is a PostgREST client carrying the user's JWT: `new PostgrestClient(restUrl, { headers:
  * { apikey, Authorization: `Bearer ${jwt}` } })`, or `supabase.schema('public')` with
  * supabase-js (InsForge's and Supabase's clients are built on this one).
+ *
+ * `traceparent` makes the W3C trace context each tap sends: by default a new trace
+ * (`newTraceparent`); an app with its own tracer passes one that returns its active span's.
  */
 export function useGeneratePlan(
   db: PostgrestClient,
   leadId: number,
   telegramId: number,
+  traceparent: () => string = newTraceparent,
 ): GeneratePlan {
   const queryClient = useQueryClient();
   const [requestId, setRequestId] = useState<number | null>(null);
@@ -174,7 +201,7 @@ export function useGeneratePlan(
 
   const start = useMutation({
     mutationKey: ['generatePlan', leadId],
-    mutationFn: () => startRequest(db, leadId, telegramId),
+    mutationFn: () => startRequest(db, leadId, telegramId, traceparent()),
     // The row is read again at once rather than seeded from the insert: a worker claims it
     // within milliseconds, and a `processing` row is polled every second, not every 3 s.
     onSuccess: (row) => {

@@ -7,6 +7,7 @@ the benchmarks all go through it, so they run the worker production runs.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -16,6 +17,7 @@ from anyio.abc import SocketStream, TaskStatus
 from anyio.streams.stapled import MultiListener
 
 from planbus.bus import db, metrics
+from planbus.bus.tracing import open_tracing
 from planbus.bus.worker import Worker
 from planbus.llm.planner import Planner, make_planner
 from planbus.ops import metrics_server, migrate
@@ -74,7 +76,11 @@ async def open_worker(
         pool = db.make_pool(work_url or dsn, settings.pool_size, prepare=work_url is None)
         await pool.open(wait=True, timeout=30)
         stack.push_async_callback(pool.close)
-        yield Worker(settings, dsn, pool, planner, worker_id or db.worker_name())
+        worker_id = worker_id or db.worker_name()
+        # OpenTelemetry configures itself from its OTEL_* variables (docs/configuration.md).
+        tracing = open_tracing(os.environ, planner, worker_id)
+        stack.push_async_callback(tracing.aclose)
+        yield Worker(settings, dsn, pool, planner, worker_id, tracing)
 
 
 async def serve_metrics(

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import anyio
 
+from planbus.bus.tracing import NO_ATTEMPT, Attempt
 from planbus.llm.accounting import Cost
 from planbus.llm.plan import Lead, LeadId, RequestId, lead_from_row
 
@@ -32,6 +33,8 @@ class Claim:
     throttled: int = 0  # earlier claims the provider throttled: they spent no attempt
     call_started: float = 0.0  # monotonic time this claim's LLM call started
     cost: Cost | None = None  # what the planning call cost, stored beside the plan
+    traceparent: str | None = None  # the client's W3C trace context, sent with its insert
+    trace: Attempt = NO_ATTEMPT  # this attempt's spans (nothing, unless tracing is on)
 
     @property
     def spent_attempts(self) -> int:
@@ -50,4 +53,5 @@ class Claim:
             token=row["claim_token"],
             waited_seconds=max(0.0, row["waited_seconds"] or 0.0),
             lead=lead_from_row(row) if row["lead_found"] else None,
+            traceparent=row["traceparent"],
         )

@@ -117,6 +117,7 @@ class Leases:
         handed = set(ids)
         for claim in unfinished:
             if claim.id in handed:
+                claim.trace.finished("handed_back", None)
                 log.info(
                     "request %d lead %d attempt %d handed back as pending",
                     claim.id,

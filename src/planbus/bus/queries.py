@@ -22,6 +22,8 @@ EVENTS_CHANNEL: LiteralString = "plan_request_events"
 # a claim lost to a database crash reverts the request to `pending`, to be claimed again, and
 # whatever the first claimant then writes is fenced out by its claim token. Every write that
 # ends a claim commits durably, and its flush covers the claim before it.
+# `traceparent` is the client's W3C trace context (null for most rows): the parent of this
+# attempt's spans when tracing is on (bus/tracing.py).
 # `waited_seconds` counts from when the request became due: its insert, or the end of a retry
 # delay, a hand-back or `planbus retry` (each sets run_after), never from a first attempt.
 CLAIM: LiteralString = """
@@ -41,7 +43,7 @@ WITH claimed AS (
                 LIMIT %(limit)s
                   FOR UPDATE SKIP LOCKED))
  RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.throttled_claims, r.claim_token,
-           r.created_at, r.run_after, r.claimed_at
+           r.created_at, r.run_after, r.claimed_at, r.traceparent
 ), next_due AS (
     SELECT extract(epoch FROM min(run_after) - now())::float8 AS seconds
       FROM plan_requests
@@ -49,6 +51,7 @@ WITH claimed AS (
 )
 SELECT n.seconds AS next_due_seconds,
        c.id, c.lead_id, c.telegram_id, c.attempts, c.throttled_claims, c.claim_token,
+       c.traceparent,
        extract(epoch FROM c.claimed_at - greatest(c.created_at, c.run_after))::float8
            AS waited_seconds,
        l.id IS NOT NULL AS lead_found, l.telegram_id AS lead_telegram_id,

@@ -31,6 +31,7 @@ from planbus.bus.outcomes import report_outcome
 from planbus.bus.progress import ProgressWriter
 from planbus.bus.retry import Backoff, RetryDecision, decide, jittered
 from planbus.bus.throttling import ProviderLimits
+from planbus.bus.tracing import NO_TRACING, Tracing
 from planbus.errors import (
     ConfigurationError,
     PermanentError,
@@ -74,12 +75,14 @@ class Worker:
         pool: AsyncConnectionPool,
         planner: Planner,
         worker_id: str,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings = settings
         self.dsn = dsn
         self.pool = pool
         self.planner = planner
         self.worker_id = worker_id
+        self.tracing = tracing
         self.listener = ListenerState()
         self.metrics = WorkerMetrics(self.listener, lambda: len(self.inflight))
         self.inflight: dict[int, Claim] = {}
@@ -210,6 +213,7 @@ class Worker:
         if not granted:
             return []
         cursor = conn.cursor(row_factory=dict_row)
+        claimed_from = self.tracing.clock()
         await cursor.execute(
             queries.CLAIM,
             {
@@ -226,6 +230,9 @@ class Worker:
             self._maybe_more = True
         await self.limits.refund(conn, granted - len(claims))
         for claim in claims:
+            claim.trace = self.tracing.attempt(
+                claim.id, claim.lead_id, claim.attempt, claim.traceparent, claimed_from
+            )
             self.limits.started(claim, time.monotonic())
             log.info(
                 "request %d lead %d claimed (attempt %d, waited %.1f ms)",
@@ -291,6 +298,7 @@ class Worker:
                     ledger(getattr(self.planner, "model", self.planner.name)) as claim.cost,
                     self.progress.follow(claim.id, claim.token) as on_progress,
                 ):
+                    claim.trace.asking()
                     plan = await self.planner.plan(claim.lead, on_progress)
             except PlanningError as exc:
                 error = exc
@@ -298,13 +306,16 @@ class Worker:
                 log.exception("request %d: unexpected planner error", claim.id)
                 error = TransientError(f"Unexpected error while planning ({type(exc).__name__}).")
         self.limits.answered(claim, error, len(self.inflight))
+        claim.trace.answered(claim.cost, error)
         if claim.lost:
             self._release(claim)
             self.metrics.finished("lost", time.monotonic() - claim.started, error)
+            claim.trace.finished("lost", error)
             return
         claim.writing = True
         with anyio.CancelScope(shield=True):
             outcome, error, retry = await self._finish(claim, plan, error)
+        claim.trace.finished(outcome, error)
         self._release(claim)
         report_outcome(claim, outcome, error, retry, self.metrics)
 

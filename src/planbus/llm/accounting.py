@@ -24,6 +24,7 @@ class Cost:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    finish_reason: str | None = None  # why the model stopped ("stop", "length"), if it said
     model_seconds: float = 0.0
 
     def as_result(self) -> dict[str, Any]:

@@ -112,7 +112,8 @@ class OpenAIPlanner:
                 "without keys, such as a local Ollama); or set PLANBUS_PLANNER=template"
             ) from None
         self._secret = self._client.api_key
-        self._errors = ProviderErrors(str(self._client.base_url), self._secret, self.timeout)
+        self.base_url = str(self._client.base_url)  # where the calls go: traces name the server
+        self._errors = ProviderErrors(self.base_url, self._secret, self.timeout)
         schema = plan_json_schema()
         self._system_prompt = load_prompt()
         self._json_mode_prompt = (
@@ -193,7 +194,9 @@ class OpenAIPlanner:
         try:
             if collector is not None and _is_event_stream(response):
                 streamed = await read_stream(response.aiter_bytes(), MAX_ANSWER_BYTES, collector)
-                note_answer({"model": streamed.model, "usage": streamed.usage})
+                note_answer(
+                    {"model": streamed.model, "usage": streamed.usage}, streamed.finish_reason
+                )
                 return _checked_content(streamed.content, streamed.finish_reason)
             return _content(await read_body(response.aiter_bytes(), MAX_ANSWER_BYTES))
         except AnswerTooLarge as exc:
@@ -322,8 +325,9 @@ def _error_text(exc: openai.APIStatusError) -> str:
     return f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
 
 
-def note_answer(completion: Mapping[str, Any]) -> None:
-    """Record the model and `usage` of a Chat Completions answer (or its last streamed chunk)."""
+def note_answer(completion: Mapping[str, Any], finish_reason: object = None) -> None:
+    """Record the model, `usage` and finish reason of a Chat Completions answer (or of a
+    stream: its model, its last chunk's usage, and the finish reason it ended with)."""
     cost = accounting.current()
     if cost is None:
         return
@@ -334,6 +338,12 @@ def note_answer(completion: Mapping[str, Any]) -> None:
     if isinstance(usage, Mapping):
         cost.prompt_tokens = _count(usage.get("prompt_tokens"))
         cost.completion_tokens = _count(usage.get("completion_tokens"))
+    if finish_reason is None:
+        choices = completion.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+            finish_reason = choices[0].get("finish_reason")
+    if isinstance(finish_reason, str) and finish_reason:
+        cost.finish_reason = finish_reason[:40]  # a label ("stop"), whatever a server sends
 
 
 def _count(value: object) -> int | None:
