@@ -7,7 +7,7 @@ import time
 import pytest
 
 from planbus.bus.throttling import ProviderLimits
-from planbus.llm.pacing import MAX_SPACING, Pace
+from planbus.llm.pacing import BACKOFF_CAP, MAX_SPACING, Pace, backoff_seconds
 from planbus.settings import load_settings
 
 
@@ -127,7 +127,7 @@ def test_a_peers_pause_never_exceeds_the_patience_even_with_its_jitter() -> None
     )
     limits = ProviderLimits(settings, pool=None)  # type: ignore[arg-type]  # never touched here
     for _ in range(50):
-        limits.paused_elsewhere("60")
+        limits.learn(60.0, 0)
         assert limits.pace.paused_until <= time.monotonic() + 60.0
 
 
@@ -155,3 +155,27 @@ def test_the_spacing_decays_with_time_without_successes() -> None:
     # An hour without a refusal (and without a call): calls start unpaced again.
     assert pace.allowed(inflight=0, now=3600.0) > 1
     assert pace.spacing == 0.0
+
+
+def test_refusals_that_name_no_wait_back_off_exponentially_and_space_the_calls() -> None:
+    pace = Pace(ceiling=32)
+    pauses = []
+    for round_ in range(50):  # each refused call started after the previous refusal
+        now = pace.paused_until if pace.paused_until > 0 else float(round_)
+        pace.throttled(started=now, retry_after=None, now=now + 0.01, uniform=lambda a, b: b)
+        pauses.append(pace.paused_until - (now + 0.01))
+    assert pace.current_limit == 1
+    assert pace.spacing == MAX_SPACING
+    assert pauses[0] <= 0  # one round alone is the limit's probe: no pause
+    assert pauses[1:6] == pytest.approx([0.25, 0.5, 1.0, 2.0, BACKOFF_CAP])
+    assert max(pauses) == pytest.approx(BACKOFF_CAP)
+
+
+def test_an_answered_call_ends_the_backoff() -> None:
+    pace = Pace(ceiling=32)
+    for second in range(5):
+        pace.throttled(started=float(second), retry_after=None, now=second + 0.5)
+    assert pace.refusals == 5
+    pace.succeeded(inflight=1)
+    assert pace.refusals == 0
+    assert backoff_seconds(pace.refusals + 1) == 0.0

@@ -30,7 +30,7 @@ from planbus.bus.metrics import PaceCollector, TokenCounters, WorkerMetrics
 from planbus.bus.outcomes import report_outcome
 from planbus.bus.progress import ProgressWriter
 from planbus.bus.retry import Backoff, RetryDecision, decide
-from planbus.bus.throttling import ProviderLimits
+from planbus.bus.throttling import HeldBackCollector, ProviderLimits
 from planbus.errors import PermanentError, PlanningError, Throttled, TransientError, one_line
 from planbus.llm.accounting import ledger
 from planbus.llm.planner import Planner
@@ -81,6 +81,7 @@ class Worker:
         self.leases = Leases(settings, pool, self.inflight, self.metrics)
         self.limits = ProviderLimits(settings, pool)
         self.metrics.registry.register(PaceCollector(self.limits.pace))
+        self.metrics.registry.register(HeldBackCollector(self.limits, lambda: len(self.inflight)))
         self.limits.tokens = TokenCounters(self.metrics.registry)
         self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
         self._wakeup = Wakeup()
@@ -88,7 +89,6 @@ class Worker:
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
         self._claims_conn: psycopg.AsyncConnection[Any] | None = None
         self._renew_claims_conn = False  # set after LISTEN reconnects: the server may be new
-        self._read_pause = True  # read the database's provider pause before the next claim
         self._stopping = False
         self._idle = anyio.Event()
         self._starting = anyio.CancelScope()
@@ -157,11 +157,12 @@ class Worker:
             await self._wakeup.wait(self._idle_timeout())
 
     def _idle_timeout(self) -> float:
-        # With every slot busy only a finished request (or stop) can make room; a free slot
-        # waits for the provider's pause or spacing, and for the next retry to become due.
-        if self.limits.slots(len(self.inflight)) <= 0:
-            return math.inf
+        # With every slot busy only a finished request, a call presumed hung (see
+        # throttling.STALL_FLOOR) or stop can make room; a free slot waits for the provider's
+        # pause or spacing, and for the next retry to become due.
         now = time.monotonic()
+        if self.limits.slots(len(self.inflight)) <= 0:
+            return self.limits.stall_wait(now)
         due = 0.0 if self._maybe_more else self._next_due - now
         return max(0.0, self.limits.wait(now), due)
 
@@ -215,9 +216,8 @@ class Worker:
 
     async def _grant(self, conn: psycopg.AsyncConnection[Any], wanted: int) -> int:
         """How many calls the provider's limits allow now (all `wanted` when none applies)."""
-        if self._read_pause:  # a peer's pause may have been announced while LISTEN was down
-            self._read_pause = False
-            await self.limits.catch_up(conn)
+        if self.limits.stale or self.limits.ending_backoff:  # a peer's pause, or ours ended
+            await self.limits.sync(conn)
             if self.limits.allowed(len(self.inflight), time.monotonic()) <= 0:
                 self._maybe_more = True
                 return 0
@@ -234,7 +234,8 @@ class Worker:
 
     def _on_notify(self, notify: psycopg.Notify | None = None) -> None:
         if notify is not None and notify.channel == queries.PROVIDER_CHANNEL:
-            self.limits.paused_elsewhere(notify.payload)
+            # No authority in a notification (any role may send one): read the row instead.
+            self.limits.stale = True
             return
         self._maybe_more = True
         self._wakeup.set()
@@ -246,7 +247,7 @@ class Worker:
             with anyio.move_on_after(self.settings.lease_seconds):
                 await self.pool.check()
             self._renew_claims_conn = True
-        self._read_pause = True
+        self.limits.stale = True
         self._on_notify()
 
     # -- processing ------------------------------------------------------------------------
