@@ -7,6 +7,7 @@ every wait for an outcome is a condition with a deadline.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +18,10 @@ import anyio
 import psycopg
 import pytest
 
+from planbus.llm.plan import Lead
+from planbus.llm.planner import template_steps
 from tests.helpers import Database, eventually, running_worker
-from tests.llm_server import FakeLLM, Reply
+from tests.llm_server import FakeLLM, Limits, Reply
 from tests.processes import Fleet
 from tests.test_provider_limits import API_KEY, RATE_LIMIT_BODY, burst
 
@@ -205,3 +208,37 @@ async def test_a_notification_from_any_role_cannot_pause_or_stop_a_worker(
 
     assert [row["status"] for row in rows] == ["completed"] * 5
     assert took < 3
+
+
+# -- a server that queues instead of refusing ----------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_calls_follow_what_a_server_that_queues_really_serves(
+    database: Database, monkeypatch: pytest.MonkeyPatch, report: Callable[[str], None]
+) -> None:
+    # llama-server -np 2: two calls answered at once, each streaming for 2.5 s; the rest wait.
+    # Sent all at once, 8 calls would end at 2.5, 5, 7.5 and 10 s: past the 6 s timeout.
+    answer = json.dumps({"steps": template_steps(Lead(id=0, telegram_id=0))})  # type: ignore[arg-type]
+    pace = len(answer) / 4 / 2.5
+    server = FakeLLM(default=Reply(tokens_per_second=pace), limits=Limits(serve_at_once=2))
+    with server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+        settings: dict[str, Any] = {
+            "concurrency": 32,
+            "llm_timeout_seconds": 6.0,
+            "max_attempts": 1,
+            "lease_seconds": 30.0,
+        }
+        async with running_worker(database.url, planner="openai", **settings):
+            ids = [await database.insert_request(await database.insert_lead()) for _ in range(8)]
+            rows = await database.wait_all(ids, within=40)
+        longest = max(call.queued for call in server.calls)
+    report(
+        f"2-slot queueing server, 8 requests: {sum(r['status'] == 'completed' for r in rows)} "
+        f"completed, {len(server.calls)} calls, longest wait in its queue {longest:.1f}s"
+    )
+
+    assert [row["status"] for row in rows] == ["completed"] * 8
+    assert longest < 2.5

@@ -85,6 +85,7 @@ class ProviderLimits:
         self.stale = True  # read the database's pause and refusals before the next claim
         self._reset_refusals = False  # an answered call ended the backoff: tell the database
         self._calls: dict[RequestId, Claim] = {}  # calls in flight, by request
+        self._shed: dict[RequestId, float] = {}  # calls handed back from a queue: seconds waited
         self.answer_seconds = 0.0  # the slowest recent answer, decaying
 
     # -- the claim loop ----------------------------------------------------------------------
@@ -122,13 +123,66 @@ class ProviderLimits:
         return sum(1 for c in self._waiting() if c.call_started < oldest)
 
     def stall_wait(self, now: float) -> float:
-        """Seconds until the next waiting call is presumed hung (inf when none waits)."""
+        """Seconds until the next waiting call is presumed hung or queued (inf when none)."""
         starts = [claim.call_started for claim in self._waiting()]
         if not starts:
             return math.inf
-        oldest = now - self.stall_age(now)
-        upcoming = [start - oldest for start in starts if start >= oldest]
+        age = self.stall_age(now)
+        if any(_answering(claim) for claim in self._calls.values()):
+            age = min(age, self.pace.queue_age())
+        upcoming = [start + age - now for start in starts if start + age >= now]
         return min(upcoming, default=math.inf)
+
+    def shed_queued(self, now: float) -> int:
+        """Hand back calls that wait in the server's queue behind calls of ours it answers.
+
+        A server that queues instead of refusing (llama-server, Ollama, vLLM) answers a call
+        at once or makes it wait: a call still without its first token long after the quickest
+        first token seen (`Pace.queue_age`), while the server streams others of ours, waits
+        behind planbus's own calls. Left there it would spend its timeout in that queue (6 of
+        6 requests failed so against a 2-slot llama-server). It is cancelled (the server drops
+        a call whose client left) and goes back as throttled, spending no attempt; the limit
+        becomes the calls being answered.
+        """
+        if not self._calls:
+            return 0
+        answering = [claim for claim in self._calls.values() if _answering(claim)]
+        if not answering:
+            return 0
+        # A call answering now is a sample too: the first round needs no finished answer.
+        for claim in answering:
+            assert claim.cost is not None and claim.cost.first_token_at is not None
+            self.pace.first_token(claim.cost.first_token_at - claim.call_started)
+        oldest = now - self.pace.queue_age()
+        queued = [c for c in self._waiting() if c.call_started < oldest and c.id not in self._shed]
+        if not queued:
+            return 0
+        self.pace.queued(len(answering))
+        for claim in queued:
+            self._shed[claim.id] = now - claim.call_started
+            claim.scope.cancel()
+        log.warning(
+            "the LLM server queues calls: %d waited %.1fs+ for a first token while it answered "
+            "%d; handing them back, limit %d calls in flight",
+            len(queued),
+            self.pace.queue_age(),
+            len(answering),
+            self.pace.current_limit,
+        )
+        return len(queued)
+
+    def shed_error(
+        self, claim: Claim, error: PlanningError | None, answered: bool
+    ) -> PlanningError | None:
+        """The error of a call `shed_queued` handed back (flow control), else `error`."""
+        waited = self._shed.pop(claim.id, None)
+        if waited is None or answered:  # answered before the cancel landed: keep the plan
+            return error
+        return Throttled(
+            f"The LLM server kept the call waiting {waited:.1f}s in its queue behind other "
+            "calls; handed back.",
+            kind="queued",
+        )
 
     def _waiting(self) -> Iterator[Claim]:
         return (claim for claim in self._calls.values() if not _answering(claim))
@@ -214,6 +268,8 @@ class ProviderLimits:
             claim.cost.model_seconds = now - claim.call_started
             if self.tokens is not None:
                 self.tokens.count(claim.cost)
+        if isinstance(error, Throttled) and error.kind == "queued":
+            return  # `shed_queued` already set the limit; the server refused nothing
         if isinstance(error, Throttled):
             was_paused = self.pace.paused(now)
             pause = self._pause_seconds(error)
@@ -228,6 +284,8 @@ class ProviderLimits:
                     self.pace.current_limit,
                 )
         elif error is None:
+            if claim.cost is not None and claim.cost.first_token_at is not None:
+                self.pace.first_token(claim.cost.first_token_at - claim.call_started)
             self._reset_refusals = self._reset_refusals or self.pace.refusals > 0
             self.answer_seconds = max(
                 now - claim.call_started, self.answer_seconds * ANSWER_TIME_DECAY

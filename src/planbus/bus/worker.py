@@ -135,6 +135,7 @@ class Worker:
     async def _claim_loop(self, requests: TaskGroup) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
         while not self._stopping:
+            self.limits.shed_queued(time.monotonic())
             free = self.limits.allowed(len(self.inflight), time.monotonic())
             if free > 0 and self._due():
                 try:
@@ -161,10 +162,13 @@ class Worker:
         # throttling.STALL_FLOOR) or stop can make room; a free slot waits for the provider's
         # pause or spacing, and for the next retry to become due.
         now = time.monotonic()
+        # A call that waits for its first token may be handed back from the server's queue
+        # (throttling.shed_queued) or stop counting against the limit: wake up for it too.
+        waiting = self.limits.stall_wait(now)
         if self.limits.slots(len(self.inflight)) <= 0:
-            return self.limits.stall_wait(now)
+            return waiting
         due = 0.0 if self._maybe_more else self._next_due - now
-        return max(0.0, self.limits.wait(now), due)
+        return min(max(0.0, self.limits.wait(now), due), waiting)
 
     def _due(self) -> bool:
         return self._maybe_more or time.monotonic() >= self._next_due
@@ -271,6 +275,7 @@ class Worker:
             except Exception as exc:  # a planner bug must not take the worker down
                 log.exception("request %d: unexpected planner error", claim.id)
                 error = TransientError(f"Unexpected error while planning ({type(exc).__name__}).")
+        error = self.limits.shed_error(claim, error, plan is not None)  # from a server's queue
         self.limits.answered(claim, error, len(self.inflight))
         if claim.lost:
             self._release(claim)

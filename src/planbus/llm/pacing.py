@@ -23,6 +23,15 @@ method takes `now`, a monotonic time, from the caller):
   storm for 30 requests. `refusals` is shared through PostgreSQL so that every worker backs
   off together (bus/throttling.py).
 
+- **The queue**, for servers that queue calls instead of refusing them (llama.cpp's
+  `llama-server -np 2`, Ollama, vLLM): the quickest time to first token seen is what the
+  server takes when it serves a call at once. A call still without its first token after
+  `queue_age()` (QUEUE_FACTOR times that, at least QUEUE_FLOOR) while other calls of the
+  worker are being answered waits behind them: the limit becomes the calls being answered
+  (`queued`), a Vegas-style estimate of what the server serves at once, and the waiting call
+  is handed back (bus/throttling.py). So no call spends its timeout in the server's queue
+  behind planbus's own calls.
+
 A burst of refusals is one congestion signal, not many: only a call started after the last cut
 can cut again (Envoy's and TCP's "once per round trip"), so 12 calls refused together cut the
 limit once.
@@ -59,6 +68,15 @@ FIRST_SPACING = 0.01
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 4.0
 
+# How long a call may wait for its first token, while the server answers others of ours,
+# before it counts as queued: QUEUE_FACTOR times the quickest first token seen (a served call's
+# prompt processing), and at least QUEUE_FLOOR, so that ordinary jitter never sheds a call.
+QUEUE_FLOOR = 1.5
+QUEUE_FACTOR = 3.0
+# The quickest first token is allowed to grow 1 % per answered call, so that a server that got
+# slower for good (a bigger model, a busier box) is relearned within a few hundred calls.
+FIRST_TOKEN_DRIFT = 1.01
+
 Uniform = Callable[[float, float], float]
 
 
@@ -86,6 +104,7 @@ class Pace:
     paused_seconds: float = 0.0  # total time paused, for /metrics
     throttled_calls: int = 0
     refusals: int = 0  # rounds of refusals that named no wait since the last answered call
+    quickest_first_token: float = math.inf  # seconds (see FIRST_TOKEN_DRIFT)
     _last_cut: float = -math.inf
     _burst_inflight: int = 0  # calls in flight when the current burst of refusals began
     _burst_refused: int = 0  # refusals of that burst so far
@@ -195,6 +214,21 @@ class Pace:
             return
         self.paused_seconds += until - max(now, self.paused_until)
         self.paused_until = until
+
+    def first_token(self, seconds: float) -> None:
+        """An answered call's first token came `seconds` after its start."""
+        drifted = self.quickest_first_token * FIRST_TOKEN_DRIFT
+        self.quickest_first_token = min(max(0.0, seconds), drifted)
+
+    def queue_age(self) -> float:
+        """How long a call may wait for its first token before it counts as queued."""
+        return max(QUEUE_FLOOR, QUEUE_FACTOR * self.quickest_first_token)
+
+    def queued(self, answered: int) -> None:
+        """Calls wait in the server's queue while it answers `answered` of ours: that is what
+        it serves at once, so the limit is no higher (growth then probes one more again)."""
+        self._successes = 0
+        self.limit = max(1.0, min(self.limit, float(answered)))
 
     def learn_refusals(self, refusals: int) -> None:
         """The database's count of refusal rounds (every worker's) is the truth: take it."""
