@@ -17,9 +17,11 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from prometheus_client import generate_latest
 
 from planbus.llm.plan import Lead
 from planbus.llm.planner import template_steps
+from planbus.ops import cli
 from tests.helpers import Database, eventually, running_worker
 from tests.llm_server import FakeLLM, Limits, Reply
 from tests.processes import Fleet
@@ -242,3 +244,40 @@ async def test_calls_follow_what_a_server_that_queues_really_serves(
 
     assert [row["status"] for row in rows] == ["completed"] * 8
     assert longest < 2.5
+
+
+# -- saying why nothing is claimed ---------------------------------------------------------------
+
+
+async def test_status_says_why_workers_claim_nothing(
+    database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await database.conn.execute(
+        "UPDATE planbus_provider_limits SET paused_until = now() + interval '30 seconds', "
+        "refusals = 4"
+    )
+    await database.conn.execute(
+        "INSERT INTO planbus_workers (worker_id, inflight, concurrency, llm_limit, held_back) "
+        "VALUES ('host-1', 1, 32, 1, 'at the limit of 1 LLM calls in flight (1 in flight; "
+        "PLANBUS_CONCURRENCY 32)'), ('host-2', 0, 32, 32, NULL)"
+    )
+    code = await anyio.to_thread.run_sync(cli.main, ["status", "--database-url", database.url])
+    out = capsys.readouterr().out
+
+    assert code == 0
+    assert "(backing off after 4 rounds of refusals that named no wait)" in out
+    assert (
+        "worker host-1 claims nothing: at the limit of 1 LLM calls in flight (1 in flight; "
+        "PLANBUS_CONCURRENCY 32)"
+    ) in out
+    assert "host-2" not in out.split("LLM provider:")[1]
+
+
+async def test_metrics_say_what_holds_new_calls_back(database: Database, llm: FakeLLM) -> None:
+    async with running_worker(database.url, planner="openai") as worker:
+        worker.limits.pace.pause_until(time.monotonic() + 30, time.monotonic())
+        metrics = generate_latest(worker.metrics.registry).decode()
+
+    assert 'planbus_llm_held_back{reason="paused"} 1.0' in metrics
+    assert 'planbus_llm_held_back{reason="limit"} 0.0' in metrics
+    assert "planbus_llm_calls_presumed_hung 0.0" in metrics
