@@ -267,7 +267,9 @@ SELECT status, CASE WHEN status = 'failed'
                    THEN public.planbus_request_event(id, lead_id, telegram_id, status) END,
        (SELECT pg_notify('planbus_provider_limits',
                          extract(epoch FROM p.paused_until - now())::float8::text)
-          FROM pause AS p)
+          FROM pause AS p
+         -- A new count alone wakes nobody: peers read it with the next pause.
+         WHERE %(pause_seconds)s::float8 > 0)
   FROM given
 """
 

@@ -57,9 +57,9 @@ MIN_SPACING = 0.001  # below a millisecond the spacing is dropped: calls start u
 # hold every later call of the worker that far apart for hours.
 MAX_SPACING = 1.0
 SPACING_HALF_LIFE = 60.0  # seconds without a refusal that halve the spacing
-# The spacing a refusal that names no wait starts from: widening 0 by a third stays 0, so such
-# refusals never spaced calls at all. 10 ms is 100 calls/s, above any per-second limit a
-# worker meets; eight rounds of a storm widen it to 0.1 s.
+# The spacing a refusal that names no wait starts from once the limit is down to one call:
+# widening 0 by a third stays 0, so such refusals never spaced calls at all. 10 ms is 100
+# calls/s, above any per-second limit a worker meets; eight rounds of a storm widen it to 0.1 s.
 FIRST_SPACING = 0.01
 # The pause after the second round in a row of refusals that name no wait, doubled each round,
 # capped so that recovery is quick: the first call after a storm ends waits at most
@@ -185,7 +185,10 @@ class Pace:
                 self.pause_until(now + backoff, now)
         # A wait longer than one token's time is a pause, not the pace of later calls.
         token_time = retry_after if retry_after and retry_after <= MAX_SPACING else 0.0
-        wider = self.spacing * SPACING_WIDEN if self.spacing else FIRST_SPACING
+        # Calls at once are cut first; only at one call in flight, still refused, does the
+        # pace of starts become the lever (a 4-slot server's 503s must not space its calls).
+        first = FIRST_SPACING if self.current_limit <= 1 else 0.0
+        wider = self.spacing * SPACING_WIDEN if self.spacing else first
         self._set_spacing(min(MAX_SPACING, max(token_time, wider)))
         self._spacing_since = now
 
