@@ -9,7 +9,7 @@ rounds of such refusals since the last answered call; each round doubles the sha
 The table is already closed to the API roles (0005); the worker roles keep `SELECT, UPDATE`.
 
 Revision ID: 0010_provider_backoff
-Revises: 0008_workers
+Revises: 0009_neighbours
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0010_provider_backoff"
-down_revision = "0008_workers"
+down_revision = "0009_neighbours"
 branch_labels = None
 depends_on = None
 
