@@ -43,6 +43,10 @@ class Limits:
     busy_retry_after: float | None = None  # `retry-after` on the 503, seconds; None: no header
     quota_calls: int | None = None  # accepted calls before the quota is spent; 0: spent already
     stream_json_schema: bool = True  # False: 400 for `stream` with a json_schema format
+    # llama-server's `-np N`, Ollama, vLLM: N calls answered at once, the rest wait in a queue
+    # (first come, first served) and are answered later; none is refused. A call whose client
+    # leaves while it waits is dropped from the queue, as llama-server does.
+    serve_at_once: int | None = None
 
 
 @dataclass

@@ -15,7 +15,9 @@ In a test::
 Like a real provider, and only when asked (`Limits`; everything is off by default): an
 account-wide rate limit (token bucket, HTTP 429 with OpenAI's body and honest headers), a slot
 limit (at most K calls in flight, HTTP 503 beyond), an exhausted quota (429
-`insufficient_quota`), a server that refuses `stream` with a JSON-schema `response_format`.
+`insufficient_quota`), a server that refuses `stream` with a JSON-schema `response_format`, a
+server that answers N calls at once and queues the rest (`Limits.serve_at_once`; each call's
+`queued` seconds are recorded).
 A request with `"stream": true` is answered with `chat.completion.chunk` events, paced at
 `Reply.tokens_per_second`; see tests/llm_stream.py. Refusals never use up a scripted reply.
 `llm.stats()` counts accepted and refused calls.
@@ -26,6 +28,7 @@ From a shell (fault tests, benchmarks); `GET /stats` and `GET /calls` answer JSO
     python -m tests.llm_server --port 0 --delay 0.5 --calls-file calls.jsonl
     python -m tests.llm_server --requests-per-second 20 --burst 20
     python -m tests.llm_server --slots 4 --delay 0.2
+    python -m tests.llm_server --serve-at-once 2 --tokens-per-second 200
     python -m tests.llm_server --tokens-per-second 50 --steps-file plan.json
 """
 
@@ -85,6 +88,7 @@ class Call:
     status: int = 0  # the status answered (0 until answered)
     step_times: list[float] = field(default_factory=list)  # streamed: each step's last piece sent
     finished: float | None = None  # time.time() when the answer was complete
+    queued: float = 0.0  # seconds waited in the queue for a place (`Limits.serve_at_once`)
 
     @property
     def user_message(self) -> str:
@@ -103,6 +107,7 @@ class Call:
             "user": self.user_message[:300],
             "step_times": self.step_times,
             "finished": self.finished,
+            "queued": self.queued,
         }
 
 
@@ -131,6 +136,7 @@ class FakeLLM:
         self._ready = threading.Event()
         self._stopping: asyncio.Event | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._places: asyncio.Semaphore | None = None  # `Limits.serve_at_once`
         self.reset()
 
     @property
@@ -182,6 +188,8 @@ class FakeLLM:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self.limits.serve_at_once is not None:
+            self._places = asyncio.Semaphore(self.limits.serve_at_once)
         self._server = await asyncio.start_server(
             self._connection, "127.0.0.1", self.port, backlog=1024
         )
@@ -214,7 +222,7 @@ class FakeLLM:
                     call.finished = time.time()
                     continue
                 try:
-                    if not await self._answer(call, reply, writer):
+                    if not await self._answer_in_turn(call, reply, reader, writer):
                         break
                 finally:
                     with self._lock:
@@ -270,6 +278,36 @@ class FakeLLM:
             self.reset()
             return http(200, {}, {})
         return http(404, {"error": {"message": f"no route {method} {path}"}}, {})
+
+    async def _answer_in_turn(
+        self,
+        call: Call,
+        reply: Reply,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Answer at once, or (`serve_at_once`) when a place is free; dropped if the client
+        leaves while it waits."""
+        if self._places is None:
+            return await self._answer(call, reply, writer)
+        waited_from = time.time()
+        place = asyncio.ensure_future(self._places.acquire())
+        gone = asyncio.ensure_future(reader.read(1))  # the client sends nothing more but EOF
+        try:
+            await asyncio.wait({place, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not place.done():
+                place.cancel()
+        call.queued = time.time() - waited_from
+        if not place.done() or place.cancelled():
+            return False  # left while waiting: never served
+        try:
+            if _client_left(gone):
+                return False
+            return await self._answer(call, reply, writer)
+        finally:
+            self._places.release()
 
     async def _answer(self, call: Call, reply: Reply, writer: asyncio.StreamWriter) -> bool:
         """Send the model's answer; False when the connection is to be closed."""
@@ -338,6 +376,12 @@ class FakeLLM:
         return True
 
 
+def _client_left(read: asyncio.Future[bytes]) -> bool:
+    if not read.done() or read.cancelled():
+        return False
+    return read.exception() is not None or read.result() == b""
+
+
 async def _sleep_until(moment: float) -> None:
     pause = moment - time.monotonic()
     if pause > 0:
@@ -381,6 +425,7 @@ def _arguments() -> argparse.Namespace:
     add("--chunk-chars", type=int, default=4, help="characters per token (streamed piece)")
     add("--cut-after", type=int, help="drop every stream after this many pieces")
     add("--no-content", action="store_true", help="streams carry no content delta")
+    add("--serve-at-once", type=int, help="calls answered at once: the rest wait in a queue")
     return parser.parse_args()
 
 
@@ -403,6 +448,7 @@ def main() -> None:
         busy_retry_after=args.busy_retry_after,
         quota_calls=args.quota_calls,
         stream_json_schema=not args.no_stream_json_schema,
+        serve_at_once=args.serve_at_once,
     )
     server = FakeLLM(args.port, reply, limits)
     server.calls_file = args.calls_file

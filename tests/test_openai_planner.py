@@ -302,7 +302,7 @@ async def test_connection_dropped_by_the_server_is_a_connection_error(
     assert len(llm.calls) == 2
 
 
-async def test_server_that_refuses_connections_is_a_connection_error(
+async def test_server_that_refuses_connections_is_an_outage_not_a_failed_attempt(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with socket.socket() as probe:  # a port with nothing listening on it
@@ -310,12 +310,15 @@ async def test_server_that_refuses_connections_is_a_connection_error(
         port = probe.getsockname()[1]
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    request = await request_to_the_end(database, within=10, max_attempts=2)
+    request = await request_to_the_end(
+        database, within=10, max_attempts=2, throttle_patience_seconds=0.5
+    )
 
     assert request["status"] == "failed"
-    assert request["attempts"] == 2
+    assert request["attempts"] == request["throttled_claims"] >= 2  # flow control, like a 503
     assert request["result"] == {
-        "error": f"Could not connect to the LLM server at http://127.0.0.1:{port}/v1."
+        "error": f"Could not connect to the LLM server at http://127.0.0.1:{port}/v1 "
+        "for 0.5 seconds; giving up."
     }
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
 import pytest
 
-from planbus.bus.throttling import ProviderLimits
-from planbus.llm.pacing import MAX_SPACING, Pace
+from planbus.bus.claim import Claim
+from planbus.bus.throttling import STALL_FLOOR, ProviderLimits
+from planbus.llm.pacing import BACKOFF_CAP, MAX_SPACING, Pace, backoff_seconds
 from planbus.settings import load_settings
 
 
@@ -127,7 +130,7 @@ def test_a_peers_pause_never_exceeds_the_patience_even_with_its_jitter() -> None
     )
     limits = ProviderLimits(settings, pool=None)  # type: ignore[arg-type]  # never touched here
     for _ in range(50):
-        limits.paused_elsewhere("60")
+        limits.learn(60.0, 0)
         assert limits.pace.paused_until <= time.monotonic() + 60.0
 
 
@@ -155,3 +158,86 @@ def test_the_spacing_decays_with_time_without_successes() -> None:
     # An hour without a refusal (and without a call): calls start unpaced again.
     assert pace.allowed(inflight=0, now=3600.0) > 1
     assert pace.spacing == 0.0
+
+
+def test_refusals_that_name_no_wait_back_off_exponentially_and_space_the_calls() -> None:
+    pace = Pace(ceiling=32)
+    pauses = []
+    for round_ in range(50):  # each refused call started after the previous refusal
+        now = pace.paused_until if pace.paused_until > 0 else float(round_)
+        pace.throttled(started=now, retry_after=None, now=now + 0.01, uniform=lambda a, b: b)
+        pauses.append(pace.paused_until - (now + 0.01))
+    assert pace.current_limit == 1
+    assert pace.spacing == MAX_SPACING
+    assert pauses[0] <= 0  # one round alone is the limit's probe: no pause
+    assert pauses[1:6] == pytest.approx([0.25, 0.5, 1.0, 2.0, BACKOFF_CAP])
+    assert max(pauses) == pytest.approx(BACKOFF_CAP)
+
+
+def test_an_answered_call_ends_the_backoff() -> None:
+    pace = Pace(ceiling=32)
+    for second in range(5):
+        pace.throttled(started=float(second), retry_after=None, now=second + 0.5)
+    assert pace.refusals == 5
+    pace.succeeded(inflight=1)
+    assert pace.refusals == 0
+    assert backoff_seconds(pace.refusals + 1) == 0.0
+
+
+def limits_for_tests(concurrency: int = 32) -> ProviderLimits:
+    settings = load_settings({"database_url": "postgresql:///unused", "concurrency": concurrency})
+    return ProviderLimits(settings, pool=None)  # type: ignore[arg-type]  # never touched here
+
+
+def test_held_back_says_why_nothing_is_claimed() -> None:
+    limits = limits_for_tests()
+    now = time.monotonic()
+    assert limits.held_back(inflight=0, now=now) is None
+    limits.pace.throttled(started=now - 1, retry_after=None, now=now, inflight=1)
+    assert limits.held_back(inflight=1, now=now) == (
+        "at the limit of 1 LLM calls in flight (1 in flight; PLANBUS_CONCURRENCY 32)"
+    )
+    limits.pace.pause_until(now + 30, now)
+    reason = limits.held_back(inflight=1, now=now)
+    assert reason is not None
+    assert re.fullmatch(r"paused until \d\d:\d\d:\d\d UTC by the provider \(30\.0s left\)", reason)
+
+
+@pytest.mark.anyio  # a Claim's cancel scope needs an event loop
+async def test_a_call_long_past_the_servers_answer_times_stops_holding_a_place() -> None:
+    limits = limits_for_tests()
+    hung = Claim.from_row(claim_row(1))
+    start = time.monotonic()
+    limits.started(hung, start)
+    limits.pace.throttled(started=start, retry_after=None, now=start + 0.1, inflight=1)
+    assert limits.allowed(inflight=1, now=start + 0.2) == 0
+    assert limits.stall_wait(start + 0.2) == pytest.approx(STALL_FLOOR - 0.2)
+    later = start + STALL_FLOOR + 0.1
+    assert limits.allowed(inflight=1, now=later) == 1
+    assert limits.held_back(inflight=1, now=later) is None
+    assert limits.held_back(inflight=2, now=later) == (
+        "at the limit of 1 LLM calls in flight (2 in flight, 1 of them presumed hung; "
+        "PLANBUS_CONCURRENCY 32)"
+    )
+
+
+@pytest.mark.anyio
+async def test_presumed_hung_calls_never_lift_the_configured_concurrency() -> None:
+    limits = limits_for_tests(concurrency=2)
+    start = time.monotonic()
+    for request_id in (1, 2):
+        limits.started(Claim.from_row(claim_row(request_id)), start)
+    assert limits.allowed(inflight=2, now=start + 600) == 0
+
+
+def claim_row(request_id: int) -> dict[str, object]:
+    return {
+        "id": request_id,
+        "lead_id": request_id,
+        "telegram_id": 42,
+        "attempts": 1,
+        "throttled_claims": 0,
+        "claim_token": uuid.uuid4(),
+        "waited_seconds": 0.0,
+        "lead_found": False,
+    }

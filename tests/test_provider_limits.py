@@ -108,6 +108,16 @@ def test_reset_durations_are_read_as_openai_writes_them(value: str, seconds: flo
             },
             2.0,
         ),
+        ({"llm_provider-retry-after": "3"}, 3.0),
+        ({"llm_provider-retry-after-ms": "250", "llm_provider-retry-after": "3"}, 0.25),
+        ({"retry-after": "1", "llm_provider-retry-after": "3"}, 1.0),
+        (
+            {
+                "llm_provider-x-ratelimit-reset-requests": "4s",
+                "llm_provider-x-ratelimit-remaining-requests": "0",
+            },
+            4.0,
+        ),
         ({}, None),
     ],
 )

@@ -40,6 +40,7 @@ def params(request_id: int, token: uuid.UUID) -> dict[str, Any]:
         "patience_seconds": 600.0,
         "delay_seconds": 30.0,
         "pause_seconds": 30.0,
+        "refusals": 0,
     }
 
 

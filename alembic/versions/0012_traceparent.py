@@ -13,7 +13,7 @@ first with a sentence that says what a traceparent looks like. The row-level sec
 already shows a row, this column with it, to its own user only.
 
 Revision ID: 0012_traceparent
-Revises: 0008_workers
+Revises: 0010_provider_backoff
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from planbus.schema.adoption import (
 from planbus.schema.privileges import privileges, record_privilege_changes, restore_privileges
 
 revision = "0012_traceparent"
-down_revision = "0009_neighbours"
+down_revision = "0010_provider_backoff"
 branch_labels = None
 depends_on = None
 

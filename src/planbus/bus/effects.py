@@ -221,6 +221,7 @@ async def throttle_back(
     delay_seconds: float,
     pause_seconds: float,
     deadline: float,
+    refusals: int = 0,
 ) -> Outcome:
     """Put a throttled request back without spending an attempt; `failed` past the patience."""
     params = {
@@ -231,6 +232,7 @@ async def throttle_back(
         "patience_seconds": patience_seconds,
         "delay_seconds": delay_seconds,
         "pause_seconds": pause_seconds,
+        "refusals": refusals,
     }
     rows = await _fenced_write(pool, queries.THROTTLE_BACK, params, deadline)
     status: Outcome = rows[0][0] if rows else "lost"

@@ -216,16 +216,19 @@ UPDATE plan_requests
 
 # -- provider limits --------------------------------------------------------------------------
 
-# Where a throttling provider's "retry after" reaches the other workers: NOTIFY on this channel,
-# payload the seconds the pause has left (the row in planbus_provider_limits is the truth).
+# Where a throttling provider's "retry after" reaches the other workers: NOTIFY on this channel
+# wakes them to read the row in planbus_provider_limits (PAUSE_LEFT), the only truth. The
+# payload (the seconds the pause has left, for people watching) is never read: any role that
+# may connect can NOTIFY, and a notification carries no authority.
 PROVIDER_CHANNEL: LiteralString = "planbus_provider_limits"
 
 # A throttled call (HTTP 429 rate limit, 503 overloaded): flow control, not failure. The request
 # goes back to `pending` after %(delay_seconds)s; the claim counts in `throttled_claims`, so it
 # spends none of PLANBUS_MAX_ATTEMPTS. Only a request throttled without a break for
-# %(patience_seconds)s fails, with %(gave_up_error)s. The provider's wait, when it gave one,
-# becomes the database's pause (never shortened) and is announced to every worker. Fenced like
-# GIVE_BACK.
+# %(patience_seconds)s fails, with %(gave_up_error)s. The provider's wait, when it gave one, or
+# else the backoff's, becomes the database's pause (never shortened), with the rounds of
+# refusals that named no wait (%(refusals)s, never lowered here: RESET_REFUSALS does that), and
+# is announced to every worker. Fenced like GIVE_BACK.
 THROTTLE_BACK: LiteralString = """
 WITH claim AS (
     SELECT id, coalesce(throttled_since, now()) AS since,
@@ -253,9 +256,12 @@ WITH claim AS (
  RETURNING r.id, r.lead_id, r.telegram_id, r.status
 ), pause AS (
     UPDATE planbus_provider_limits
-       SET paused_until = greatest(paused_until,
-                                   now() + make_interval(secs => %(pause_seconds)s::float8))
-     WHERE %(pause_seconds)s::float8 > 0
+       SET paused_until = CASE WHEN %(pause_seconds)s::float8 > 0
+                               THEN greatest(paused_until, now() + make_interval(
+                                                 secs => %(pause_seconds)s::float8))
+                               ELSE paused_until END,
+           refusals = greatest(refusals, %(refusals)s::int)
+     WHERE (%(pause_seconds)s::float8 > 0 OR refusals < %(refusals)s::int)
        -- Only a claim still ours may pause every worker: a stale one matched no row.
        AND EXISTS (SELECT 1 FROM given)
  RETURNING paused_until
@@ -264,15 +270,24 @@ SELECT status, CASE WHEN status = 'failed'
                    THEN public.planbus_request_event(id, lead_id, telegram_id, status) END,
        (SELECT pg_notify('planbus_provider_limits',
                          extract(epoch FROM p.paused_until - now())::float8::text)
-          FROM pause AS p)
+          FROM pause AS p
+         -- A new count alone wakes nobody: peers read it with the next pause.
+         WHERE %(pause_seconds)s::float8 > 0)
   FROM given
 """
 
-# How long the database's pause has left (read after LISTEN (re)connects: notifications sent
-# meanwhile were missed).
+# How long the database's pause has left, and the rounds of refusals that named no wait: read
+# before the next claim after a notification on PROVIDER_CHANNEL, and after LISTEN
+# (re)connects (notifications sent meanwhile were missed).
 PAUSE_LEFT: LiteralString = """
-SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8
+SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8, refusals
   FROM planbus_provider_limits
+"""
+
+# An answered call ends the backoff for every worker. Sent only by a worker that knew of
+# refusals (once per storm, never on the happy path); the WHERE makes a second one a no-op.
+RESET_REFUSALS: LiteralString = """
+UPDATE planbus_provider_limits SET refusals = 0 WHERE refusals > 0
 """
 
 # The optional ceiling PLANBUS_LLM_REQUESTS_PER_MINUTE, shared by every worker: a token bucket

@@ -30,7 +30,7 @@ from planbus.bus.metrics import PaceCollector, TokenCounters, WorkerMetrics
 from planbus.bus.outcomes import report_outcome
 from planbus.bus.progress import ProgressWriter
 from planbus.bus.retry import Backoff, RetryDecision, decide, jittered
-from planbus.bus.throttling import ProviderLimits
+from planbus.bus.throttling import HeldBackCollector, ProviderLimits
 from planbus.bus.tracing import NO_TRACING, Tracing
 from planbus.errors import (
     ConfigurationError,
@@ -91,6 +91,7 @@ class Worker:
         self.leases = Leases(settings, pool, self.inflight, self.metrics)
         self.limits = ProviderLimits(settings, pool)
         self.metrics.registry.register(PaceCollector(self.limits.pace))
+        self.metrics.registry.register(HeldBackCollector(self.limits, lambda: len(self.inflight)))
         self.limits.tokens = TokenCounters(self.metrics.registry)
         self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
         self._wakeup = Wakeup()
@@ -98,7 +99,6 @@ class Worker:
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
         self._claims_conn: psycopg.AsyncConnection[Any] | None = None
         self._renew_claims_conn = False  # set after LISTEN reconnects: the server may be new
-        self._read_pause = True  # read the database's provider pause before the next claim
         self._stopping = False
         self._idle = anyio.Event()
         self._starting = anyio.CancelScope()
@@ -165,6 +165,7 @@ class Worker:
     async def _claim_loop(self, requests: TaskGroup) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
         while not self._stopping:
+            self.limits.shed_queued(time.monotonic())
             free = self.limits.allowed(len(self.inflight), time.monotonic())
             if free > 0 and self._due():
                 try:
@@ -187,13 +188,17 @@ class Worker:
             await self._wakeup.wait(self._idle_timeout())
 
     def _idle_timeout(self) -> float:
-        # With every slot busy only a finished request (or stop) can make room; a free slot
-        # waits for the provider's pause or spacing, and for the next retry to become due.
-        if self.limits.slots(len(self.inflight)) <= 0:
-            return math.inf
+        # With every slot busy only a finished request, a call presumed hung (see
+        # throttling.STALL_FLOOR) or stop can make room; a free slot waits for the provider's
+        # pause or spacing, and for the next retry to become due.
         now = time.monotonic()
+        # A call that waits for its first token may be handed back from the server's queue
+        # (throttling.shed_queued) or stop counting against the limit: wake up for it too.
+        waiting = self.limits.stall_wait(now)
+        if self.limits.slots(len(self.inflight)) <= 0:
+            return waiting
         due = 0.0 if self._maybe_more else self._next_due - now
-        return max(0.0, self.limits.wait(now), due)
+        return min(max(0.0, self.limits.wait(now), due), waiting)
 
     def _due(self) -> bool:
         return self._maybe_more or time.monotonic() >= self._next_due
@@ -249,9 +254,8 @@ class Worker:
 
     async def _grant(self, conn: psycopg.AsyncConnection[Any], wanted: int) -> int:
         """How many calls the provider's limits allow now (all `wanted` when none applies)."""
-        if self._read_pause:  # a peer's pause may have been announced while LISTEN was down
-            self._read_pause = False
-            await self.limits.catch_up(conn)
+        if self.limits.stale or self.limits.ending_backoff:  # a peer's pause, or ours ended
+            await self.limits.sync(conn)
             if self.limits.allowed(len(self.inflight), time.monotonic()) <= 0:
                 self._maybe_more = True
                 return 0
@@ -268,7 +272,8 @@ class Worker:
 
     def _on_notify(self, notify: psycopg.Notify | None = None) -> None:
         if notify is not None and notify.channel == queries.PROVIDER_CHANNEL:
-            self.limits.paused_elsewhere(notify.payload)
+            # No authority in a notification (any role may send one): read the row instead.
+            self.limits.stale = True
             return
         self._maybe_more = True
         self._wakeup.set()
@@ -280,7 +285,7 @@ class Worker:
             with anyio.move_on_after(self.settings.lease_seconds):
                 await self.pool.check()
             self._renew_claims_conn = True
-        self._read_pause = True
+        self.limits.stale = True
         self._on_notify()
 
     # -- processing ------------------------------------------------------------------------
@@ -305,6 +310,7 @@ class Worker:
             except Exception as exc:  # a planner bug must not take the worker down
                 log.exception("request %d: unexpected planner error", claim.id)
                 error = TransientError(f"Unexpected error while planning ({type(exc).__name__}).")
+        error = self.limits.shed_error(claim, error, plan is not None)  # from a server's queue
         self.limits.answered(claim, error, len(self.inflight))
         claim.trace.answered(claim.cost, error)
         if claim.lost:

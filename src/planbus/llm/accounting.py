@@ -10,6 +10,7 @@ counts the tokens by kind and model.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,6 +27,9 @@ class Cost:
     completion_tokens: int | None = None
     finish_reason: str | None = None  # why the model stopped ("stop", "length"), if it said
     model_seconds: float = 0.0
+    # time.monotonic() when the answer's first content arrived (None until it does): a call
+    # that streams is being served, however long it takes; one without it may wait in a queue.
+    first_token_at: float | None = None
 
     def as_result(self) -> dict[str, Any]:
         """The keys a completed request's `result` carries beside `plan` and `step_count`."""
@@ -58,3 +62,10 @@ def ledger(model: str | None) -> Iterator[Cost]:
 def current() -> Cost | None:
     """The ledger of the planning call running in this task, if any."""
     return _current.get()
+
+
+def note_first_token() -> None:
+    """The answer's first content arrived now (the first one only counts)."""
+    cost = _current.get()
+    if cost is not None and cost.first_token_at is None:
+        cost.first_token_at = time.monotonic()

@@ -1,14 +1,17 @@
 """What an LLM provider's failure means for a request: one plain sentence and what to do next.
 
 The SDK's errors are converted here, once: refused credentials and an exhausted quota fail the
-request at once; "slow down" (HTTP 429 rate limit, HTTP 503 overloaded) is `Throttled`, flow
-control rather than failure; timeouts, dropped connections and other 5xx are worth another
-attempt. No sentence ever carries the API key.
+request at once; "slow down" (HTTP 429 rate limit, HTTP 503 overloaded, 529 Anthropic-style
+overloaded) and a server that cannot be reached (connection refused or reset, name not
+resolved) are `Throttled`, flow control rather than failure; timeouts, connections dropped
+after the request was sent and other 5xx are worth another attempt. No sentence ever carries
+the API key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import re
 import textwrap
 from collections.abc import Mapping
@@ -34,6 +37,19 @@ RETRYABLE_STATUSES = frozenset({408, 409})
 # Providers name the exhausted quota in `error.code` (OpenAI) or `error.type` (some proxies).
 QUOTA_CODES = frozenset({"insufficient_quota"})
 
+# "Overloaded": 503, and 529 as Anthropic and gateways in front of it say it.
+OVERLOADED_STATUSES = frozenset({503, 529})
+
+# Where a proxy forwards the provider's own headers: LiteLLM prefixes them with this and may
+# send no wait header of its own.
+PROXIED_PREFIXES = ("", "llm_provider-")
+
+# A connection that failed before the request reached the server: nobody is listening (refused),
+# the peer or a middlebox reset it, or the network has no route. The server never saw the call.
+UNREACHABLE_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH}
+)
+
 # Go-style durations as OpenAI's x-ratelimit-reset-* headers write them: "1s", "6m0s", "120ms".
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -49,6 +65,8 @@ class ProviderErrors:
 
     def classify(self, exc: BaseException) -> PlanningError:
         """One plain sentence for `result.error`: no traceback, never the API key."""
+        if isinstance(exc, openai.APIConnectionError) and unreachable(exc):
+            return self._unreachable_error()
         if isinstance(exc, openai.APIConnectionError) and lost_connection(exc):
             return self._connection_error()
         if isinstance(exc, TimeoutError | openai.APITimeoutError):
@@ -64,6 +82,13 @@ class ProviderErrors:
         if isinstance(exc, openai.APIStatusError):
             return self._status_error(exc)
         return TransientError(f"The LLM call failed ({type(exc).__name__}).")
+
+    def _unreachable_error(self) -> Throttled:
+        # An outage, not a bad request: a restarting Ollama or vLLM must not fail every request
+        # that arrives meanwhile. Flow control like a 503 that names no wait.
+        return Throttled(
+            f"Could not connect to the LLM server at {public_url(self.url)}.", kind="unreachable"
+        )
 
     def _connection_error(self) -> TransientError:
         return TransientError(
@@ -85,9 +110,9 @@ class ProviderErrors:
                 throttle_wait_seconds(headers, dt.datetime.now(dt.UTC)),
                 kind="rate_limited",
             )
-        if status == 503:
+        if status in OVERLOADED_STATUSES:
             return Throttled(
-                "The LLM server is overloaded (HTTP 503).",
+                f"The LLM server is overloaded (HTTP {status}).",
                 throttle_wait_seconds(headers, dt.datetime.now(dt.UTC)),
                 kind="overloaded",
             )
@@ -129,6 +154,24 @@ def lost_connection(exc: BaseException) -> bool:
     return False
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` failed to reach the server at all: no connection could be made.
+
+    aiohttp reports a connection that could not be opened (refused, no such host, no route) as
+    `ClientConnectorError`; one reset while the request was being sent as a `ClientOSError` with
+    its errno. A connection dropped after the request went out (`ServerDisconnectedError`) is
+    not one of these: the server may have started on the call.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectorError):
+            return True
+        if isinstance(cause, OSError) and cause.errno in UNREACHABLE_ERRNOS:
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def public_url(url: str) -> str:
     """`url` without user, password or query, which may carry a key: scheme, host, port, path."""
     try:
@@ -147,25 +190,36 @@ def throttle_wait_seconds(headers: Mapping[str, str], now: dt.datetime) -> float
 
     OpenAI also says when each exhausted bucket refills (`x-ratelimit-reset-requests` and
     `-tokens`); the later of those whose `remaining` is 0 (or not sent) is the honest wait.
+    A proxy's own headers come first, then the provider's as LiteLLM forwards them
+    (`llm_provider-retry-after`, ...).
     """
-    wait = retry_after_seconds(headers, now)
-    if wait is not None:
-        return wait
+    for prefix in PROXIED_PREFIXES:
+        wait = retry_after_seconds(headers, now, prefix)
+        if wait is None:
+            wait = _reset_seconds(headers, prefix)
+        if wait is not None:
+            return wait
+    return None
+
+
+def _reset_seconds(headers: Mapping[str, str], prefix: str) -> float | None:
     resets = []
     for bucket in ("requests", "tokens"):
-        reset = duration_seconds(headers.get(f"x-ratelimit-reset-{bucket}"))
-        remaining = headers.get(f"x-ratelimit-remaining-{bucket}")
+        reset = duration_seconds(headers.get(f"{prefix}x-ratelimit-reset-{bucket}"))
+        remaining = headers.get(f"{prefix}x-ratelimit-remaining-{bucket}")
         if reset is not None and (remaining is None or _number(remaining) == 0):
             resets.append(reset)
     return max(resets) if resets else None
 
 
-def retry_after_seconds(headers: Mapping[str, str], now: dt.datetime) -> float | None:
+def retry_after_seconds(
+    headers: Mapping[str, str], now: dt.datetime, prefix: str = ""
+) -> float | None:
     """The wait a server asked for: `retry-after-ms`, else `Retry-After` (seconds or a date)."""
-    milliseconds = _number(headers.get("retry-after-ms"))
+    milliseconds = _number(headers.get(f"{prefix}retry-after-ms"))
     if milliseconds is not None:
         return milliseconds / 1000
-    value = headers.get("retry-after")
+    value = headers.get(f"{prefix}retry-after")
     seconds = _number(value)
     if seconds is not None or not value:
         return seconds

@@ -198,7 +198,9 @@ class OpenAIPlanner:
                     {"model": streamed.model, "usage": streamed.usage}, streamed.finish_reason
                 )
                 return _checked_content(streamed.content, streamed.finish_reason)
-            return _content(await read_body(response.aiter_bytes(), MAX_ANSWER_BYTES))
+            whole = await read_body(response.aiter_bytes(), MAX_ANSWER_BYTES)
+            accounting.note_first_token()  # a whole answer: its first content is its end
+            return _content(whole)
         except AnswerTooLarge as exc:
             raise TransientError(f"{INVALID_OUTPUT}: {exc}.", kind="invalid_output") from None
         except StreamBroken as exc:

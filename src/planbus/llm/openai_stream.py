@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
+from planbus.llm import accounting
 from planbus.llm.plan import InvalidPlan, Step, validate_plan
 
 # Past this much answer text the steps are no longer followed (the answer is still read and
@@ -90,6 +91,7 @@ class StepCollector:
         if self.started_at is None:
             self.started_at = dt.datetime.now(dt.UTC)
             self._started = time.monotonic()
+            accounting.note_first_token()
         self._parts.append(text)
         self._length += len(text)
         # A new element of `steps` starts with `{`: only then can the one before it be finished.

@@ -14,6 +14,23 @@ method takes `now`, a monotonic time, from the caller):
   `MAX_SPACING`; each success narrows it by 2 % and each minute without a refusal halves it, so
   the pace creeps back up until the provider says "slow down" again, even when calls are few.
 - **The pause**: a `retry-after` stops every new call of the worker until it ends.
+- **The backoff**, for refusals that name no wait (HTTP 429/503/529 without `retry-after`, a
+  server that cannot be reached): from the second round of them in a row, each round pauses
+  for twice as long as the one before, with jitter, up to `BACKOFF_CAP`; an answered call
+  starts over. One round alone is the limit's ordinary probe (it grew one call past what the
+  provider serves) and is answered by the cut, not by a pause. Without it the pause
+  is empty and the refused requests come straight back: one worker made 536 calls in a 20 s
+  storm for 30 requests. `refusals` is shared through PostgreSQL so that every worker backs
+  off together (bus/throttling.py).
+
+- **The queue**, for servers that queue calls instead of refusing them (llama.cpp's
+  `llama-server -np 2`, Ollama, vLLM): the quickest time to first token seen is what the
+  server takes when it serves a call at once. A call still without its first token after
+  `queue_age()` (QUEUE_FACTOR times that, at least QUEUE_FLOOR) while other calls of the
+  worker are being answered waits behind them: the limit becomes the calls being answered
+  (`queued`), a Vegas-style estimate of what the server serves at once, and the waiting call
+  is handed back (bus/throttling.py). So no call spends its timeout in the server's queue
+  behind planbus's own calls.
 
 A burst of refusals is one congestion signal, not many: only a call started after the last cut
 can cut again (Envoy's and TCP's "once per round trip"), so 12 calls refused together cut the
@@ -23,6 +40,8 @@ limit once.
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # The limit's cut on a throttled call. Netflix's AIMDLimit cuts to 0.9, TCP to 0.5; 0.75
@@ -38,6 +57,40 @@ MIN_SPACING = 0.001  # below a millisecond the spacing is dropped: calls start u
 # hold every later call of the worker that far apart for hours.
 MAX_SPACING = 1.0
 SPACING_HALF_LIFE = 60.0  # seconds without a refusal that halve the spacing
+# The spacing a refusal that names no wait starts from once the limit is down to one call:
+# widening 0 by a third stays 0, so such refusals never spaced calls at all. 10 ms is 100
+# calls/s, above any per-second limit a worker meets; eight rounds of a storm widen it to 0.1 s.
+FIRST_SPACING = 0.01
+# The pause after the second round in a row of refusals that name no wait, doubled each round,
+# capped so that recovery is quick: the first call after a storm ends waits at most
+# BACKOFF_CAP (a peer, 1.5 times that), and the requests behind it then drain at the
+# provider's pace. 0.25 s x 2^n reaches the cap after six rounds: a 20 s storm costs about ten.
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 4.0
+
+# How long a call may wait for its first token, while the server answers others of ours,
+# before it counts as queued: QUEUE_FACTOR times the quickest first token seen (a served call's
+# prompt processing), and at least QUEUE_FLOOR, so that ordinary jitter never sheds a call.
+QUEUE_FLOOR = 1.5
+QUEUE_FACTOR = 3.0
+# The quickest first token is allowed to grow 1 % per answered call, so that a server that got
+# slower for good (a bigger model, a busier box) is relearned within a few hundred calls.
+FIRST_TOKEN_DRIFT = 1.01
+
+Uniform = Callable[[float, float], float]
+
+
+def backoff_seconds(refusals: int, uniform: Uniform = random.uniform) -> float:
+    """The pause after round `refusals` (1, 2, ...) of refusals that named no wait (none after
+    the first).
+
+    "Equal jitter": half fixed so it keeps growing, half random so that workers pausing
+    together do not all resume in the same millisecond.
+    """
+    if refusals <= 1:
+        return 0.0
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(refusals - 2, 32))
+    return float(ceiling / 2 + uniform(0, ceiling / 2))
 
 
 @dataclass(slots=True)
@@ -50,6 +103,8 @@ class Pace:
     paused_until: float = -math.inf
     paused_seconds: float = 0.0  # total time paused, for /metrics
     throttled_calls: int = 0
+    refusals: int = 0  # rounds of refusals that named no wait since the last answered call
+    quickest_first_token: float = math.inf  # seconds (see FIRST_TOKEN_DRIFT)
     _last_cut: float = -math.inf
     _burst_inflight: int = 0  # calls in flight when the current burst of refusals began
     _burst_refused: int = 0  # refusals of that burst so far
@@ -86,6 +141,7 @@ class Pace:
 
     def succeeded(self, inflight: int) -> None:
         """A call answered: grow the limit by one per `limit` successes, narrow the spacing."""
+        self.refusals = 0
         if self.spacing:
             self._set_spacing(self.spacing * SPACING_NARROW)
         # Only a limit in use is evidence it is not too low (`inflight` counts this call).
@@ -97,7 +153,12 @@ class Pace:
             self.limit = min(float(self.ceiling), self.limit + 1)
 
     def throttled(
-        self, started: float, retry_after: float | None, now: float, inflight: int = 0
+        self,
+        started: float,
+        retry_after: float | None,
+        now: float,
+        inflight: int = 0,
+        uniform: Uniform = random.uniform,
     ) -> None:
         """A call started at `started` was refused now ("slow down"): pause, and maybe cut.
 
@@ -117,9 +178,18 @@ class Pace:
         self._burst_inflight, self._burst_refused = inflight, 1
         self.limit = max(1.0, self.limit * DECREASE)
         self._cap_to_accepted()
+        if not retry_after:
+            self.refusals += 1
+            backoff = backoff_seconds(self.refusals, uniform)
+            if backoff:
+                self.pause_until(now + backoff, now)
         # A wait longer than one token's time is a pause, not the pace of later calls.
         token_time = retry_after if retry_after and retry_after <= MAX_SPACING else 0.0
-        self._set_spacing(min(MAX_SPACING, max(token_time, self.spacing * SPACING_WIDEN)))
+        # Calls at once are cut first; only at one call in flight, still refused, does the
+        # pace of starts become the lever (a 4-slot server's 503s must not space its calls).
+        first = FIRST_SPACING if self.current_limit <= 1 else 0.0
+        wider = self.spacing * SPACING_WIDEN if self.spacing else first
+        self._set_spacing(min(MAX_SPACING, max(token_time, wider)))
         self._spacing_since = now
 
     def _decay(self, now: float) -> None:
@@ -147,6 +217,25 @@ class Pace:
             return
         self.paused_seconds += until - max(now, self.paused_until)
         self.paused_until = until
+
+    def first_token(self, seconds: float) -> None:
+        """An answered call's first token came `seconds` after its start."""
+        drifted = self.quickest_first_token * FIRST_TOKEN_DRIFT
+        self.quickest_first_token = min(max(0.0, seconds), drifted)
+
+    def queue_age(self) -> float:
+        """How long a call may wait for its first token before it counts as queued."""
+        return max(QUEUE_FLOOR, QUEUE_FACTOR * self.quickest_first_token)
+
+    def queued(self, answered: int) -> None:
+        """Calls wait in the server's queue while it answers `answered` of ours: that is what
+        it serves at once, so the limit is no higher (growth then probes one more again)."""
+        self._successes = 0
+        self.limit = max(1.0, min(self.limit, float(answered)))
+
+    def learn_refusals(self, refusals: int) -> None:
+        """The database's count of refusal rounds (every worker's) is the truth: take it."""
+        self.refusals = max(0, refusals)
 
     def paused(self, now: float) -> bool:
         """Whether new calls wait for a pause now."""

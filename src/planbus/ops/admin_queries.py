@@ -19,6 +19,18 @@ SELECT (SELECT greatest(extract(epoch FROM paused_until - now()), 0)::float8
            AND finished_at > now() - interval '1 minute') AS finished_last_minute
 """
 
+# The rounds of refusals that named no wait (the shared backoff), and why each live worker
+# (a heartbeat in the last minute) claims nothing now, as it wrote it in `held_back`.
+STATUS_HELD_BACK: LiteralString = """
+SELECT (SELECT refusals FROM planbus_provider_limits) AS refusals,
+       coalesce((SELECT jsonb_agg(jsonb_build_object('worker_id', worker_id,
+                                                     'held_back', held_back)
+                                  ORDER BY worker_id)
+                   FROM planbus_workers
+                  WHERE held_back IS NOT NULL
+                    AND heartbeat_at > now() - interval '1 minute'), '[]'::jsonb) AS held_back
+"""
+
 STATUS_TOKENS_LAST_HOUR: LiteralString = """
 SELECT coalesce(result ->> 'model', 'unknown') AS model, count(*) AS plans,
        sum((result -> 'usage' ->> 'prompt_tokens')::bigint)::bigint AS prompt_tokens,
