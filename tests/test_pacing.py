@@ -240,4 +240,5 @@ def claim_row(request_id: int) -> dict[str, object]:
         "claim_token": uuid.uuid4(),
         "waited_seconds": 0.0,
         "lead_found": False,
+        "traceparent": None,
     }
