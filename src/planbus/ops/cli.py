@@ -16,7 +16,7 @@ import anyio
 
 from planbus import __version__, logs
 from planbus.errors import ConfigurationError
-from planbus.ops import commands, console, embedded_command
+from planbus.ops import actions, commands, console, embedded_command
 from planbus.ops.commands import EXIT_OK, EXIT_USAGE
 from planbus.settings import OneLineParser, Settings, load_settings
 
@@ -164,7 +164,7 @@ def _cancel(subcommands: Subcommands) -> None:
         "cancel",
         "fail pending requests on purpose",
         "Mark pending requests failed, with the error "
-        f'"{commands.CANCELLED_ERROR}", and send the plan_request_events event as for any '
+        f'"{actions.CANCELLED_ERROR}", and send the plan_request_events event as for any '
         "failure. A request a worker has already claimed is left to it. Exits 1 when a given "
         "ID was not cancelled.",
         "cancel 42",
