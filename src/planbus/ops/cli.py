@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"planbus {__version__}")
     subcommands = Subcommands(parser)
-    for add in (_status, _show, _retry, _cancel, _purge, _request, _migrate, _demo):
+    for add in (_status, _show, _retry, _cancel, _purge, _request, _migrate, _demo, _dashboard):
         add(subcommands)
     embedded_command.add_command(subcommands.actions)
     return parser
@@ -265,6 +266,42 @@ def _demo(subcommands: Subcommands) -> None:
     demo.set_defaults(handler=commands.demo_command)
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: any free port)."""
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0 to 65535)")
+    return int(text)
+
+
+def _dashboard(subcommands: Subcommands) -> None:
+    dashboard = subcommands.add(
+        "dashboard",
+        "a live web page: the queue, the provider, the workers, Retry and Cancel",
+        "Serve a web page for operators, refreshed about every second without a reload: "
+        "requests by status, recent requests, the steps of a request being planned, the LLM "
+        "provider's state, live workers, completed and failed per minute over the last hour, "
+        "and Retry and Cancel buttons that do what those commands do. It listens on loopback "
+        "unless PLANBUS_DASHBOARD_TOKEN is set; with the token every page and action needs "
+        "it. Needs the optional packages: pip install 'planbus[dashboard]'.",
+        "dashboard",
+        "dashboard --port 8080",
+        "dashboard --host 0.0.0.0   # with PLANBUS_DASHBOARD_TOKEN set",
+    )
+    dashboard.add_argument(
+        "--host",
+        metavar="ADDRESS",
+        help="address to listen on (default: 127.0.0.1; env: PLANBUS_DASHBOARD_HOST); any "
+        "other than loopback needs PLANBUS_DASHBOARD_TOKEN",
+    )
+    dashboard.add_argument(
+        "--port",
+        type=port_number,
+        metavar="PORT",
+        help="port to listen on (default: 8787; env: PLANBUS_DASHBOARD_PORT; 0: any free port)",
+    )
+    dashboard.set_defaults(handler=commands.dashboard_command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -283,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(args.log_format, args.log_level)
     handler: Handler = args.handler
     try:
-        settings = load_settings({"database_url": args.database_url})
+        settings = load_settings(_overrides(args))
         return anyio.run(handler, settings, args)
     except ConfigurationError as exc:
         print(f"planbus: {exc}", file=sys.stderr)
@@ -299,6 +336,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # without a traceback, and keep Python from failing again on the final flush.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command's flags give; a flag not given leaves its variable in charge."""
+    overrides: dict[str, Any] = {"database_url": args.database_url}
+    if args.command == "dashboard":
+        given = {"dashboard_host": args.host, "dashboard_port": args.port}
+        overrides.update({name: value for name, value in given.items() if value is not None})
+    return overrides
 
 
 def _broken_pipe(exc: BaseException) -> bool:
