@@ -112,7 +112,7 @@ async def test_retry_and_cancel_buttons_do_what_the_commands_do(database: Databa
         row = await database.wait_for(failed, ("pending",), within=5)
         assert row["attempts"] == 0
         assert row["last_error"] == "The model's output was not a valid plan."
-        await page.get_by_text(f"request {failed} (lead").wait_for(timeout=2000)
+        await page.get_by_text(f"request {failed} (lead").wait_for(timeout=5000)
         # The page follows: the retried request is pending now, so it offers Cancel.
         await failed_row.get_by_role("button", name="Cancel").wait_for(timeout=2000)
 
@@ -135,7 +135,7 @@ async def test_an_action_that_no_longer_applies_says_why(database: Database) -> 
         )
         notice = page.locator("#notice")
         await notice.get_by_text("it is processing; only pending requests are cancelled").wait_for(
-            timeout=2000
+            timeout=5000
         )
         assert (await database.request(pending))["status"] == "processing"
 
@@ -271,3 +271,20 @@ async def test_open_pages_share_one_reading_per_refresh(database: Database) -> N
         await anyio.sleep(3)
         readings = feed.readings - before
         assert readings <= (time.monotonic() - started) / feed.interval + 1, readings
+
+
+async def test_a_failure_stays_on_the_page_with_one_retry_while_newer_requests_come(
+    database: Database,
+) -> None:
+    failed = await database.insert_request(await database.insert_lead())
+    await fail(database, failed, "The LLM credentials were refused.")
+    for _ in range(40):  # more than the page's newest requests
+        await database.insert_request(await database.insert_lead())
+    async with running_dashboard(database.url) as dashboard, chromium() as browser:
+        page = await browser.new_page()
+        await page.goto(dashboard.url)
+        assert await page.locator("#requests tbody tr[data-request-id]").count() == 31
+        assert "older failures" in await page.locator("#requests tr.older").inner_text()
+        row = page.locator(f"#requests tr[data-request-id='{failed}']")
+        await row.get_by_role("button", name="Retry").click()  # strict: exactly one such button
+        await database.wait_for(failed, ("pending",), within=5)

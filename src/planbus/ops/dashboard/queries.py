@@ -10,16 +10,29 @@ from typing import LiteralString
 
 from planbus.ops.admin_queries import STATUS_COUNTS, STATUS_PROVIDER, STATUS_TOKENS_LAST_HOUR
 
-# The newest requests, whatever their status (the primary key's order: no scan). The last
-# error is the failure's sentence, else the latest failed attempt's, kept across retries.
+# The newest requests, whatever their status (the primary key's order: no scan), then the last
+# hour's failures older than those, so a failure stays on the page, with its Retry, while newer
+# requests pour in. Each request once: one row, one button. The last error is the failure's
+# sentence, else the latest failed attempt's, kept across retries.
 RECENT_REQUESTS: LiteralString = """
+WITH newest AS (
+    SELECT id FROM plan_requests ORDER BY id DESC LIMIT 30
+), shown AS (
+    SELECT id, false AS older FROM newest
+    UNION ALL
+    (SELECT f.id, true FROM plan_requests AS f
+      WHERE f.status = 'failed' AND f.finished_at > now() - interval '1 hour'
+        AND f.id < (SELECT min(id) FROM newest)
+      ORDER BY f.finished_at DESC, f.id DESC
+      LIMIT 20)
+)
 SELECT r.id, r.lead_id, l.prospect_name AS lead_name, r.telegram_id, r.status, r.attempts,
        extract(epoch FROM r.created_at)::float8 AS created_at,
-       coalesce(r.result ->> 'error', r.last_error) AS error
-  FROM plan_requests AS r
+       coalesce(r.result ->> 'error', r.last_error) AS error, s.older
+  FROM shown AS s
+  JOIN plan_requests AS r ON r.id = s.id
   LEFT JOIN lead_registry AS l ON l.id = r.lead_id
- ORDER BY r.id DESC
- LIMIT 30
+ ORDER BY s.older, r.id DESC
 """
 
 # Requests being planned, with the steps the model has written so far (`progress`, written by
@@ -32,7 +45,7 @@ SELECT r.id, r.lead_id, l.prospect_name AS lead_name, r.attempts, r.worker_id,
   LEFT JOIN lead_registry AS l ON l.id = r.lead_id
  WHERE r.status = 'processing'
  ORDER BY r.claimed_at, r.id
- LIMIT 10
+ LIMIT 6
 """
 
 # Live workers: a heartbeat within the last minute (a worker beats every lease/4, 2 s by
