@@ -206,9 +206,11 @@ class _Beat:
         self.rss: list[float] = []
         self.stand_in = False  # the benchmark wrote the worker's heartbeat row itself
 
-    def __call__(self, conn: psycopg.Connection[Any]) -> None:
+    def __call__(self, conn: psycopg.Connection[Any], elapsed: float, seconds: float) -> None:
         self.rss.append(self.dashboard.rss_mb()[0])
-        if self.camera.path is not None and not self.camera.started_once:
+        # The picture near the end, when the chart has the run's minutes.
+        late = elapsed >= seconds - 30
+        if self.camera.path is not None and late and not self.camera.started_once:
             self.camera.start()
         # A worker that does not write planbus_workers yet (before the fleet's heartbeat row):
         # its row as that heartbeat would write it, so the page shows the worker it has.
@@ -253,7 +255,7 @@ def _insert_at_rate(
                 pass  # that lead's previous request is still being planned: the next lead
             inserted += 1
             if inserted % int(RATE) == 1:
-                beat(conn)
+                beat(conn, due - started, seconds)
     return inserted, time.monotonic() - started, beat.rss
 
 
