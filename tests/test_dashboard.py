@@ -206,8 +206,14 @@ async def test_with_a_token_every_page_stream_and_action_needs_it(database: Data
         assert (await (await bearer.new_page()).goto(url)).status == 200
 
 
-async def test_on_loopback_another_host_name_is_refused(database: Database) -> None:
-    async with running_dashboard(database.url) as dashboard, chromium() as browser:
+@pytest.mark.parametrize("token", [None, ""])  # an empty token is no token
+async def test_on_loopback_another_host_name_is_refused(
+    database: Database, token: str | None
+) -> None:
+    async with (
+        running_dashboard(database.url, dashboard_token=token) as dashboard,
+        chromium() as browser,
+    ):
         context = await browser.new_context()
         for host, status in (("localhost", 200), ("evil.test", 403)):
             answer = await context.request.get(dashboard.url, headers={"Host": host})

@@ -110,7 +110,8 @@ async def serve(
     """Serve the dashboard until `Running.stop()` (or, with `signals`, SIGINT or SIGTERM);
     reports `Running` once it answers. A refusal to start is raised as is, not in a group."""
     secret = settings.dashboard_token
-    token = secret.get_secret_value() if secret is not None else None
+    # An empty token is no token: it would open the dashboard to anyone who sends nothing.
+    token = (secret.get_secret_value() if secret is not None else "") or None
     host, port = settings.dashboard_host, settings.dashboard_port
     info, loopback = listen_address(host, port, token)
     async with AsyncExitStack() as stack:
