@@ -82,8 +82,11 @@ class Feed:
             if not (self._listeners or self._waiting):
                 await self._wake.wait()
             self._wake = anyio.Event()
+            # One reading per `interval`, counted from its start: a slow reading (a busy
+            # database) shortens the wait instead of adding to the page's age.
+            next_reading = anyio.current_time() + self.interval
             self._publish(await self._take())
-            with anyio.move_on_after(self.interval):
+            with anyio.move_on_after(max(0.0, next_reading - anyio.current_time())):
                 await self._wake.wait()
 
     def poke(self) -> None:
