@@ -134,7 +134,9 @@ class Postgres:
             [
                 sys.executable,
                 "-c",
-                "import sys; from planbus import migrate; migrate.upgrade(sys.argv[1])",
+                # planbus.ops.migrate since the folders by audience; planbus.migrate before.
+                "import sys\ntry:\n from planbus.ops import migrate\nexcept ImportError:\n"
+                " from planbus import migrate\nmigrate.upgrade(sys.argv[1])",
                 self.dsn(template),
             ],
             env={**os.environ, "PYTHONPATH": str(source / "src")},
