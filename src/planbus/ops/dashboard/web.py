@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +30,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
+from planbus.errors import one_line
 from planbus.ops import actions
 from planbus.ops.dashboard.feed import Feed, Stopping
 from planbus.ops.dashboard.guard import Guard
@@ -90,11 +92,17 @@ class Dashboard:
         request_id, verb = int(request.path_params["id"]), request.path_params["action"]
         if verb not in ("retry", "cancel") or request_id > MAX_ID:
             return self.refuse(404, "Not found", "no such action")
-        async with self.pool.connection() as conn:
-            if verb == "retry":
-                outcome = await actions.retry(conn, [request_id])
-            else:
-                outcome = await actions.cancel(conn, [request_id])
+        try:
+            async with self.pool.connection() as conn:
+                if verb == "retry":
+                    outcome = await actions.retry(conn, [request_id])
+                else:
+                    outcome = await actions.cancel(conn, [request_id])
+        except psycopg.Error as exc:
+            message = (
+                f"request {request_id} not changed: cannot reach the database ({one_line(exc)})"
+            )
+            return JSONResponse({"ok": False, "message": message}, status_code=503)
         self.feed.poke()
         ok, message = _said(outcome, request_id, verb)
         if "application/json" in request.headers.get("accept", ""):
