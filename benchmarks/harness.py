@@ -28,7 +28,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from benchmarks.llm import PROSPECT_NAME
-from planbus.ops import migrate
+from planbus.ops import embedded_access, migrate
 from planbus.ops.embedded import EmbeddedPostgres
 
 TEMPLATE = "bench_template"
@@ -78,7 +78,11 @@ class Postgres:
         self.version = ""
 
     def start(self) -> None:
-        self.admin = self.server.start()
+        self.server.start()
+        # By TCP, as a worker reaches a real database (and as every figure so far was taken),
+        # not by the embedded server's socket; its password file makes it ours only.
+        assert self.server.port is not None
+        self.admin = embedded_access.tcp_dsn(self.server.data_dir, self.server.port)
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             self.version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
@@ -134,9 +138,12 @@ class Postgres:
             [
                 sys.executable,
                 "-c",
-                # planbus.ops.migrate since the folders by audience; planbus.migrate before.
-                "import sys\ntry:\n from planbus.ops import migrate\nexcept ImportError:\n"
-                " from planbus import migrate\nmigrate.upgrade(sys.argv[1])",
+                # planbus.ops.migrate since the folders; planbus.migrate in a `compare --before`
+                # copy from before them.
+                "import sys, importlib, importlib.util as u; "
+                "migrate = importlib.import_module("
+                "'planbus.ops.migrate' if u.find_spec('planbus.ops') else 'planbus.migrate'); "
+                "migrate.upgrade(sys.argv[1])",
                 self.dsn(template),
             ],
             env={**os.environ, "PYTHONPATH": str(source / "src")},

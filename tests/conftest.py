@@ -20,9 +20,11 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from planbus.ops import migrate
+from planbus.ops import embedded_access, migrate
 from planbus.ops.embedded import EmbeddedPostgres
 from tests.helpers import Database
+from tests.pgbouncer import PgBouncer
+from tests.pgbouncer import program as pgbouncer_program
 
 TEMPLATE = "planbus_test_template"
 
@@ -112,6 +114,27 @@ def pg_server() -> Iterator[TestServer]:
         yield TestServer(server.dsn, server)
     finally:
         server.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: TestServer) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode (pool size 3) in front of the session's server.
+
+    Skipped only where the binary is missing; CI installs it (.ci/run).
+    """
+    binary = pgbouncer_program()
+    if binary is None:
+        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
+    server_dsn = pg_server.admin_dsn
+    embedded = pg_server.embedded
+    if embedded is not None:  # its socket folder is closed to PgBouncer's user: TCP, password
+        assert embedded.port is not None
+        server_dsn = embedded_access.tcp_dsn(embedded.data_dir, embedded.port)
+    pooler = PgBouncer(binary, server_dsn).start()
+    try:
+        yield pooler
+    finally:
+        pooler.stop()
 
 
 @pytest.fixture(scope="session")

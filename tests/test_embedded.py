@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from planbus.ops import embedded
+from planbus.ops import embedded, embedded_folders
 from planbus.ops.embedded import EmbeddedPostgres, default_data_dir
 from tests.test_listen_command import READY, Listener, listen_env, listener_factory, run_listen
 
@@ -165,7 +165,7 @@ def test_the_default_data_folder_is_the_same_from_every_folder(tmp_path: Path) -
         for folder in (REPOSITORY, REPOSITORY / "src" / "planbus", tmp_path)
     }
     assert len(found) == 1
-    if os.geteuid() != 0 or embedded.unreachable(REPOSITORY, embedded.SYSTEM_USER) is None:
+    if os.geteuid() != 0 or embedded_folders.unreachable(REPOSITORY, embedded.SYSTEM_USER) is None:
         assert found == {str(REPOSITORY / ".planbus" / "postgres")}
 
 

@@ -26,6 +26,7 @@ from planbus.llm.planner import TemplatePlanner
 from tests.conftest import TestServer
 from tests.helpers import Database, running_worker, wait_until
 from tests.processes import WorkerProcess
+from tests.test_listen_command import listen_env, run_listen
 
 pytestmark = pytest.mark.anyio
 
@@ -301,3 +302,19 @@ async def test_running_out_of_descriptors_on_accept_is_logged_and_survived(
         await running.worker.wait_for_log("metrics: cannot accept a connection")
         assert (await get(f"{running.base}/metrics"))[0] == 200
         assert running.worker.alive
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_2_and_changes_nothing(
+    data_root: Path,
+) -> None:
+    data = data_root / "pg"  # the embedded server: the worker would make and migrate it
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_listen(f"--metrics-port={port}", env=listen_env(PLANBUS_DATA_DIR=str(data)))
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "--metrics-port" in lines[0]
+    assert not data.exists()  # no data folder made, no server started, nothing migrated

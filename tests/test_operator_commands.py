@@ -125,7 +125,7 @@ def test_status_on_the_embedded_server_names_its_data_folder(data_root: Path) ->
     done = planbus_process("status", env={"PLANBUS_DATA_DIR": str(data)})
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
-    assert first.startswith("database: 127.0.0.1:") and str(data.resolve()) in first
+    assert first.startswith("database: ") and str(data.resolve()) in first
 
 
 # -- show ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 
 import anyio
 from anyio.abc import TaskStatus
@@ -15,6 +16,7 @@ from anyio.abc import TaskStatus
 from planbus import logs, runtime
 from planbus.bus.worker import Worker
 from planbus.errors import ConfigurationError
+from planbus.ops import metrics_server
 from planbus.settings import Settings, settings_from_args
 
 log = logging.getLogger("planbus.listen")
@@ -53,6 +55,11 @@ class Shutdown:
 async def run_worker(settings: Settings, shutdown: Shutdown) -> None:
     """Build the worker and run it until `shutdown` asks it to stop."""
     async with AsyncExitStack() as stack:
+        bound = None
+        if settings.metrics_port:
+            # Bound first: a port in use ends start-up before the database is touched.
+            host, port = settings.metrics_host, settings.metrics_port
+            bound = await stack.enter_async_context(await metrics_server.listen(host, port))
         with shutdown.starting:
             shutdown.worker = await stack.enter_async_context(runtime.open_worker(settings))
         if shutdown.starting.cancel_called:
@@ -62,12 +69,17 @@ async def run_worker(settings: Settings, shutdown: Shutdown) -> None:
         assert worker is not None
         settle_heap()
         async with anyio.create_task_group() as tg:
-            if settings.metrics_port:
+            if bound is not None:
                 await tg.start(
-                    runtime.serve_metrics, worker, settings.metrics_host, settings.metrics_port
+                    partial(runtime.serve_metrics, bound=bound),
+                    worker,
+                    settings.metrics_host,
+                    settings.metrics_port,
                 )
             await worker.run()
             tg.cancel_scope.cancel()
+        if worker.failure is not None:  # e.g. a LISTEN URL that hears nothing: exit 2
+            raise worker.failure
 
 
 def settle_heap() -> None:

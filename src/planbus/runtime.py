@@ -12,7 +12,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import SocketStream, TaskStatus
+from anyio.streams.stapled import MultiListener
 
 from planbus.bus import db, metrics
 from planbus.bus.worker import Worker
@@ -67,7 +68,10 @@ async def open_worker(
         if planner is None:
             planner = make_planner(settings)
             stack.push_async_callback(planner.aclose)
-        pool = db.make_pool(settings.work_database_url or dsn, settings.pool_size)
+        # The work URL may be a transaction pooler; the database URL is a session (the LISTEN
+        # probe stops the worker otherwise), where prepared statements save the planning.
+        work_url = settings.work_database_url
+        pool = db.make_pool(work_url or dsn, settings.pool_size, prepare=work_url is None)
         await pool.open(wait=True, timeout=30)
         stack.push_async_callback(pool.close)
         yield Worker(settings, dsn, pool, planner, worker_id or db.worker_name())
@@ -78,13 +82,16 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
+    bound: MultiListener[SocketStream] | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The worker's /metrics and /healthz on host:port until cancelled; reports the port."""
+    """The worker's /metrics and /healthz on host:port (or on `bound`, bound there by
+    `metrics_server.listen`) until cancelled; reports the port."""
     await metrics_server.serve(
         host,
         port,
         partial(metrics.scrape, worker.metrics, worker.pool),
         partial(metrics.health, worker.listener, worker.pool),
+        bound=bound,
         task_status=task_status,
     )

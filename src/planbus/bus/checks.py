@@ -10,6 +10,12 @@ SELECT has_function_privilege(
     'public.planbus_request_event(bigint, bigint, bigint, text)', 'EXECUTE')
 """
 
+# Start-up check, and after every LISTEN reconnect: a notification on the worker's private
+# probe channel, sent from another connection than the LISTEN one, must reach the LISTEN
+# connection. Behind a transaction pooler it never does (the session that listened went back
+# to the pooler), which is how a LISTEN URL that hears nothing is found out.
+LISTEN_PROBE: LiteralString = "SELECT pg_notify(%(channel)s, '')"
+
 # Start-up check: the schema this worker needs is in place.
 SCHEMA_READY: LiteralString = """
 SELECT to_regclass('public.plan_requests') IS NOT NULL

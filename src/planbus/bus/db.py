@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import unquote
 
@@ -124,10 +126,22 @@ async def check_rights(conn: psycopg.AsyncConnection[Any]) -> None:
         log.warning("%s", warning[0])
 
 
-def make_pool(dsn: str, size: int) -> AsyncConnectionPool:
+def make_pool(dsn: str, size: int, *, prepare: bool = True) -> AsyncConnectionPool:
     """The pool for effects, heartbeats and the sweep; every statement we send is atomic alone,
-    so connections run in autocommit and a write costs one round trip."""
+    so connections run in autocommit and a write costs one round trip.
+
+    `prepare=False` for a URL that may reach a transaction pooler (PLANBUS_WORK_DATABASE_URL):
+    psycopg prepares a statement on the server after five runs on one connection, and behind
+    such a pooler the next run may land on another server connection, where the name is
+    unknown or taken ("prepared statement "_pg3_1" does not exist"; PgBouncer 1.18 has no
+    protocol-level prepared statements, 1.21+ only with max_prepared_statements). Unprepared,
+    a statement is still one round trip, but the server plans it every time: on a direct
+    connection that cost 0.7 ms of server CPU per request (W2) and +43 % W1 pickup, so the
+    database URL, which the LISTEN probe proves is a session, keeps preparing.
+    """
     kwargs: dict[str, Any] = {"autocommit": True, "application_name": "planbus"}
+    if not prepare:
+        kwargs["prepare_threshold"] = None
     return AsyncConnectionPool(
         dsn,
         min_size=min(2, size),
@@ -140,17 +154,17 @@ def make_pool(dsn: str, size: int) -> AsyncConnectionPool:
 
 
 async def connect_for_claims(pool: AsyncConnectionPool) -> psycopg.AsyncConnection[Any]:
-    """The claim loop's own connection, to the database `pool` serves (a transaction pooler
-    is fine: each claim is one autocommit statement).
+    """The claim loop's own connection, to the database `pool` serves, made like the pool's
+    (a transaction pooler is fine: each claim is one autocommit statement).
 
     One backend that runs nothing but claims answers sooner than whichever pooled connection
     is next, and a claim never waits behind effects for a connection. In three side-by-side
     comparisons: W1 commit -> claim 6-19% shorter, commit -> LLM call p99 7-9% shorter.
     """
     assert isinstance(pool.conninfo, str), "make_pool builds every pool from a URL"
-    return await psycopg.AsyncConnection.connect(
-        pool.conninfo, autocommit=True, application_name="planbus-claim", connect_timeout=10
-    )
+    assert isinstance(pool.kwargs, dict), "make_pool builds every pool with a dict of kwargs"
+    kwargs = {**pool.kwargs, "application_name": "planbus-claim", "connect_timeout": 10}
+    return await psycopg.AsyncConnection.connect(pool.conninfo, **kwargs)
 
 
 async def listen(conn: psycopg.AsyncConnection[Any], channel: str) -> None:
@@ -163,6 +177,7 @@ class ListenerState:
 
     def __init__(self) -> None:
         self.connected = False
+        self.started = False  # True once the first connection listens
         self.reconnects = 0
 
 
@@ -183,8 +198,48 @@ class ListenConnection(psycopg.AsyncConnection[Any]):
         return await super().wait(gen, interval=max(interval, 3600.0), timeout=timeout)
 
 
+# How long a probe notification may take to come back once it is committed. A session
+# connection hears it within milliseconds; behind a transaction pooler it never arrives.
+PROBE_SECONDS = 2.0
+
+DEAF_LISTEN = (
+    "PLANBUS_DATABASE_URL (or DATABASE_URL, --database-url) hears no notifications: LISTEN "
+    "needs a session connection (direct, or a pooler in session mode), not a transaction "
+    "pooler (PgBouncer pool_mode = transaction, Supavisor port 6543); put the pooled URL in "
+    "PLANBUS_WORK_DATABASE_URL instead (docs/deploy.md)"
+)
+
+
+async def hears_itself(
+    conn: psycopg.AsyncConnection[Any],
+    pool: AsyncConnectionPool,
+    on_notify: Callable[[psycopg.Notify], None],
+) -> bool:
+    """True when a notification sent from another (pooled) connection reaches `conn`.
+
+    The channel is this connection's own, so no other worker hears the probe. Notifications
+    on the real channels that arrive meanwhile go to `on_notify` as usual.
+    """
+    channel = f"planbus_probe_{secrets.token_hex(8)}"
+    await listen(conn, channel)
+    async with pool.connection() as other:
+        await other.execute(checks.LISTEN_PROBE, {"channel": channel})
+    heard = False
+    # Closed before the UNLISTEN: until then the generator holds the connection's lock.
+    async with aclosing(conn.notifies(timeout=PROBE_SECONDS)) as notifies:
+        async for notify in notifies:
+            if notify.channel == channel:
+                heard = True
+                break
+            on_notify(notify)
+    if heard:
+        await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+    return heard
+
+
 async def listen_forever(
     dsn: str,
+    pool: AsyncConnectionPool,
     on_notify: Callable[[psycopg.Notify], None],
     on_connect: Callable[[bool], Awaitable[None]],
     state: ListenerState,
@@ -194,10 +249,11 @@ async def listen_forever(
     """LISTEN on a dedicated autocommit connection; reconnect with backoff, never exit.
 
     `on_connect(reconnected)` runs after every (re)connect so the caller can catch up on
-    notifications it may have missed while disconnected.
+    notifications it may have missed while disconnected. A connection that does not hear its
+    own probe (see `hears_itself`) raises ConfigurationError, at start-up (before
+    `task_status.started()`) or after a reconnect (`state.started` is then True).
     """
     backoff = Backoff(base=0.05, cap=5.0)
-    started = False
     while True:
         try:
             # TCP keepalives: a LISTEN connection that dies silently would cost every wake-up.
@@ -213,15 +269,17 @@ async def listen_forever(
                 await listen(conn, queries.LISTEN_CHANNEL)
                 await listen(conn, queries.PROVIDER_CHANNEL)  # a peer's provider pause
                 state.connected = True
-                if started:
+                if state.started:
                     state.reconnects += 1
                     log.info(
                         "LISTEN connection reconnected after %d failed attempts", backoff.failures
                     )
                 backoff.succeeded()
-                await on_connect(started)
-                if not started:
-                    started = True
+                await on_connect(state.started)  # first: it drops pooled connections that died
+                if not await hears_itself(conn, pool, on_notify):
+                    raise ConfigurationError(DEAF_LISTEN)
+                if not state.started:
+                    state.started = True
                     task_status.started()
                 async for notify in conn.notifies():
                     on_notify(notify)

@@ -40,7 +40,7 @@ class _Completion:
     deadline: float
     done: anyio.Event = field(default_factory=anyio.Event)
     written: bool = False
-    error: psycopg.OperationalError | TransientError | None = None
+    error: psycopg.Error | TransientError | None = None
 
 
 def _payload(claim: Claim, plan: Plan) -> str:
@@ -69,6 +69,27 @@ def _payload(claim: Claim, plan: Plan) -> str:
         ).decode()
     except (ValueError, TypeError, RecursionError) as exc:
         raise _unstorable(claim, exc) from None
+
+
+def refused_for_its_data(exc: psycopg.Error) -> bool:
+    """True when a write failed for the values it carries (SQLSTATE class 22, a data
+    exception such as a NUL in jsonb, or 23, a constraint the values break): the same write
+    fails again. Anything else is the database's own trouble (a lost connection, a pooler
+    that lost a prepared statement, a privilege, a trigger, a lock): worth the same write
+    again, and never the model's fault."""
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
+
+
+STORE_FAILED = "store_failed"  # the error kind of a plan the database would not store
+
+
+def store_failed(claim: Claim, exc: psycopg.Error) -> TransientError:
+    """The database refused a finished plan until the write's deadline: the database's error,
+    never the model's. The worker gives the request back to `pending`, never `failed`."""
+    log.warning("request %d: the database would not store its plan (%s)", claim.id, one_line(exc))
+    return TransientError(
+        f"The database could not store the plan ({type(exc).__name__}).", kind=STORE_FAILED
+    )
 
 
 def _unstorable(claim: Claim, exc: BaseException) -> TransientError:
@@ -150,12 +171,11 @@ class Completions:
             for item in batch:
                 item.written = item.claim.id in written
             finished = True
-        except psycopg.OperationalError as exc:
-            for item in batch:
-                item.error = exc
-            finished = True
         except psycopg.Error as exc:
-            if len(batch) == 1:  # its data (a NUL, a bad escape...): the request's own failure
+            if not refused_for_its_data(exc):  # the database's, retried until the deadline
+                for item in batch:
+                    item.error = exc
+            elif len(batch) == 1:  # its data (a NUL, a bad escape...): the request's own failure
                 batch[0].error = _unstorable(batch[0].claim, exc)
             else:  # one request's data must not fail the others: write each on its own
                 for item in batch:
@@ -222,10 +242,11 @@ async def _fenced_write(
 ) -> list[tuple[Any, ...]]:
     """Run one fenced statement; the rows it returns, one for each claim it matched.
 
-    A connection failure is retried until `deadline` (about when our lease would lapse):
-    the claim is still ours meanwhile, and past it the sweep will hand the request on.
-    If a commit succeeded but its answer was lost, the retry matches nothing and reports
-    `lost`, which is still exactly once.
+    A failure that is the database's (a lost connection, or any error but one about the
+    values sent) is retried until `deadline` (about when our lease would lapse): the claim is
+    still ours meanwhile, and past it the sweep will hand the request on. If a commit
+    succeeded but its answer was lost, the retry matches nothing and reports `lost`, which is
+    still exactly once.
     """
     backoff = Backoff(base=0.1, cap=2.0, deadline=deadline)
     while True:
@@ -233,7 +254,9 @@ async def _fenced_write(
             async with pool.connection() as conn:
                 cursor = await conn.execute(query, params)
                 return await cursor.fetchall()
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
+            if refused_for_its_data(exc):
+                raise
             delay = backoff.failed(time.monotonic())
             if backoff.give_up():
                 raise

@@ -29,9 +29,16 @@ from planbus.bus.leases import Leases
 from planbus.bus.metrics import PaceCollector, TokenCounters, WorkerMetrics
 from planbus.bus.outcomes import report_outcome
 from planbus.bus.progress import ProgressWriter
-from planbus.bus.retry import Backoff, RetryDecision, decide
+from planbus.bus.retry import Backoff, RetryDecision, decide, jittered
 from planbus.bus.throttling import ProviderLimits
-from planbus.errors import PermanentError, PlanningError, Throttled, TransientError, one_line
+from planbus.errors import (
+    ConfigurationError,
+    PermanentError,
+    PlanningError,
+    Throttled,
+    TransientError,
+    one_line,
+)
 from planbus.llm.accounting import ledger
 from planbus.llm.planner import Planner
 from planbus.logs import request_fields
@@ -92,6 +99,7 @@ class Worker:
         self._stopping = False
         self._idle = anyio.Event()
         self._starting = anyio.CancelScope()
+        self.failure: ConfigurationError | None = None  # why it stopped on its own, if it did
 
     def stop(self) -> None:
         """Claim nothing new; `run` then drains in-flight requests and returns."""
@@ -102,9 +110,7 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as background:
             with self._starting:
-                await background.start(
-                    listen_forever, self.dsn, self._on_notify, self._on_connect, self.listener
-                )
+                await background.start(self._listen)
             if self._stopping:
                 background.cancel_scope.cancel()
                 return
@@ -129,6 +135,27 @@ class Worker:
                 await self._drain(requests)
             await self.leases.hand_back()
             background.cancel_scope.cancel()
+
+    async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The LISTEN connection. Found deaf (the URL reaches a transaction pooler), at
+        start-up or after a reconnect, it stops the worker gracefully and leaves the reason in
+        `failure`, for the entry point to exit 2 with."""
+        try:
+            await listen_forever(
+                self.dsn,
+                self.pool,
+                self._on_notify,
+                self._on_connect,
+                self.listener,
+                task_status=task_status,
+            )
+        except ConfigurationError as exc:
+            self.failure = exc
+            if self.listener.started:
+                log.error("%s; stopping", exc)
+            else:
+                task_status.started()  # `run` then sees the stop and returns at once
+            self.stop()
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -293,6 +320,13 @@ class Worker:
     def _decide(self, claim: Claim, error: PlanningError) -> RetryDecision:
         if isinstance(error, Throttled):  # flow control: patience, not attempts, ends it
             return RetryDecision(final=False, delay=self.limits.return_delay(claim, error))
+        if error.kind == effects.STORE_FAILED:  # the database's fault never fails a request
+            delay = jittered(
+                claim.spent_attempts,
+                base=self.settings.retry_base_seconds,
+                cap=self.settings.retry_max_seconds,
+            )
+            return RetryDecision(final=False, delay=delay)
         return decide(
             error,
             claim.spent_attempts,
@@ -313,6 +347,8 @@ class Worker:
                     return await self.completions.complete(claim, plan, deadline), None, None
                 except PlanningError as exc:  # the plan cannot be stored: invalid output
                     error = exc
+                except psycopg.Error as exc:  # the database's, retried until the deadline
+                    error, deadline = effects.store_failed(claim, exc), time.monotonic()
             retry = self._decide(claim, error)
             if isinstance(error, Throttled):
                 outcome = await self.limits.throttle_back(claim, error, retry.delay, deadline)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, NewType, get_args
@@ -42,6 +44,13 @@ MAX_DRAFT_TEXT = 500
 MAX_EXTRA_DEPTH = 8
 # How much of each part of an error's location is shown: a key of the model's own is its text.
 MAX_LOCATION_PART = 40
+# What shows nothing on its own: ASCII controls and space; and beyond ASCII every separator
+# (Z*), control, format (Cf: zero-width space/joiners U+200B..U+200D, word joiner U+2060,
+# BOM U+FEFF, soft hyphen) and private or unassigned code point (C*), combining marks (M*),
+# and the letters and symbols fonts draw as blanks.
+INVISIBLE_ASCII = "".join(map(chr, range(0x21))) + "\x7f"
+INVISIBLE_CATEGORIES = ("Z", "C", "M")
+BLANK_CHARACTERS = frozenset("\u115f\u1160\u2800\u3164\uffa0")
 
 
 class Step(BaseModel):
@@ -62,8 +71,8 @@ class Step(BaseModel):
     @field_validator("description")
     @classmethod
     def _description_not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("description must not be empty")
+        if not visible(value):
+            raise ValueError("description must not be empty: it has no visible character")
         return value
 
     @model_validator(mode="after")
@@ -184,6 +193,10 @@ def _field_problem(name: Any, value: Any) -> str | None:
         if isinstance(item, str):
             if not _storable(item):
                 return f"field {shown} contains {_what(item)}"
+        elif isinstance(item, float) and not math.isfinite(item):
+            # `1e400` decodes to inf, `NaN` to nan: JSON has no such number, and storing one
+            # would turn it into null.
+            return f"field {shown} holds a number JSON cannot keep ({item})"
         elif isinstance(item, dict | list):
             if depth >= MAX_EXTRA_DEPTH:
                 return f"field {shown} is nested more than {MAX_EXTRA_DEPTH} levels deep"
@@ -193,6 +206,20 @@ def _field_problem(name: Any, value: Any) -> str | None:
                     return f"field {shown} holds a key with {_what(key)}"
                 pending.append((child, depth + 1))
     return None
+
+
+def visible(text: str) -> bool:
+    """Whether `text` shows anything: not only spaces, controls and zero-width characters."""
+    if "!" <= text[:1] <= "~":  # the common case: it starts with a printable ASCII character
+        return True
+    if text.isascii():
+        return bool(text.strip(INVISIBLE_ASCII))
+    for char in text.strip():  # a plain loop: it ends at the first visible character
+        if char not in BLANK_CHARACTERS and not unicodedata.category(char).startswith(
+            INVISIBLE_CATEGORIES
+        ):
+            return True
+    return False
 
 
 def _what(text: str) -> str:

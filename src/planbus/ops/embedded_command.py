@@ -97,7 +97,8 @@ def describe(state: ServerStatus) -> str:
     return "\n".join(
         [
             f"{where}: running (pid {state.pid}, port {state.port})",
-            f"connect with: psql 'postgresql://postgres@127.0.0.1:{state.port}/postgres'",
+            f"connect with: python -m planbus embedded psql, or psql '{state.dsn}'",
+            f"by TCP (the password file is yours and root's only): psql '{state.tcp_dsn}'",
             users,
         ]
     )

@@ -12,6 +12,7 @@ from functools import partial
 
 import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.stapled import MultiListener
 
 from planbus.errors import ConfigurationError
 
@@ -31,25 +32,35 @@ Scrape = Callable[[], Awaitable[bytes]]
 Health = Callable[[], Awaitable[tuple[bool, str]]]
 
 
+async def listen(host: str, port: int) -> MultiListener[SocketStream]:
+    """host:port, bound; a port in use (or a host it cannot bind) is a configuration error.
+
+    The entry point binds before it starts anything, so that a taken port changes nothing.
+    """
+    try:
+        return await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
+            "choose another --metrics-port"
+        ) from None
+
+
 async def serve(
     host: str,
     port: int,
     scrape: Scrape,
     health: Health,
     *,
+    bound: MultiListener[SocketStream] | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer GET /metrics and GET /healthz on host:port until cancelled; reports the port."""
-    try:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
-            "choose another --metrics-port"
-        ) from None
-    bound = int(listener.extra(SocketAttribute.local_port))
-    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, bound)
-    task_status.started(bound)
+    """Answer GET /metrics and GET /healthz on host:port (or on the listener `bound` there
+    already) until cancelled; reports the port."""
+    listener = bound or await listen(host, port)
+    port = int(listener.extra(SocketAttribute.local_port))
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, port)
+    task_status.started(port)
     connections = Connections(partial(_answer, scrape, health))
     async with listener, anyio.create_task_group() as tg:
         for each in listener.listeners:  # one per address family the host resolved to
