@@ -95,7 +95,7 @@ def test_the_worker_never_imports_the_dashboards_packages() -> None:
     code = (
         "import sys, planbus.listen, planbus.runtime, planbus.ops.cli; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('starlette', 'uvicorn', 'jinja2') or m.startswith('planbus.ops.dashboard')))"
+        "('starlette', 'uvicorn', 'jinja2') or m.startswith('planbus.ops.dashboard.')))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

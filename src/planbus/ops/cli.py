@@ -17,7 +17,7 @@ import anyio
 
 from planbus import __version__, logs
 from planbus.errors import ConfigurationError
-from planbus.ops import actions, commands, console, embedded_command
+from planbus.ops import actions, commands, console, dashboard_command, embedded_command
 from planbus.ops.commands import EXIT_OK, EXIT_USAGE
 from planbus.settings import OneLineParser, Settings, load_settings
 
@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"planbus {__version__}")
     subcommands = Subcommands(parser)
-    for add in (_status, _show, _retry, _cancel, _purge, _request, _migrate, _demo, _dashboard):
+    for add in (_status, _show, _retry, _cancel, _purge, _request, _migrate, _demo):
         add(subcommands)
+    dashboard_command.add_command(subcommands.add)
     embedded_command.add_command(subcommands.actions)
     return parser
 
@@ -314,42 +315,6 @@ def _demo(subcommands: Subcommands) -> None:
         help="how long the plans may take (default: 120)",
     )
     demo.set_defaults(handler=commands.demo_command)
-
-
-def port_number(text: str) -> int:
-    """A TCP port, 0 to 65535 (0: any free port)."""
-    if not text.strip().isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0 to 65535)")
-    return int(text)
-
-
-def _dashboard(subcommands: Subcommands) -> None:
-    dashboard = subcommands.add(
-        "dashboard",
-        "a live web page: the queue, the provider, the workers, Retry and Cancel",
-        "Serve a web page for operators, refreshed about every second without a reload: "
-        "requests by status, recent requests, the steps of a request being planned, the LLM "
-        "provider's state, live workers, completed and failed per minute over the last hour, "
-        "and Retry and Cancel buttons that do what those commands do. It listens on loopback "
-        "unless PLANBUS_DASHBOARD_TOKEN is set; with the token every page and action needs "
-        "it. Needs the optional packages: pip install 'planbus[dashboard]'.",
-        "dashboard",
-        "dashboard --port 8080",
-        "dashboard --host 0.0.0.0   # with PLANBUS_DASHBOARD_TOKEN set",
-    )
-    dashboard.add_argument(
-        "--host",
-        metavar="ADDRESS",
-        help="address to listen on (default: 127.0.0.1; env: PLANBUS_DASHBOARD_HOST); any "
-        "other than loopback needs PLANBUS_DASHBOARD_TOKEN",
-    )
-    dashboard.add_argument(
-        "--port",
-        type=port_number,
-        metavar="PORT",
-        help="port to listen on (default: 8787; env: PLANBUS_DASHBOARD_PORT; 0: any free port)",
-    )
-    dashboard.set_defaults(handler=commands.dashboard_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

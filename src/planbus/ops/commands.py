@@ -19,7 +19,6 @@ from typing import Any
 import anyio
 
 from planbus import runtime
-from planbus.errors import ConfigurationError
 from planbus.ops import actions, admin_queries, client, console, demo, migrate, status
 from planbus.ops.client import connection, fetchall
 from planbus.ops.console import clean, plural
@@ -191,18 +190,6 @@ async def migrate_command(settings: Settings, args: argparse.Namespace) -> int:
     print(f"  applied: {', '.join(applied)}")
     log.info("migrated %s from %s to %s", where, before, after)
     return EXIT_OK
-
-
-async def dashboard_command(settings: Settings, args: argparse.Namespace) -> int:
-    """The web page (ops/dashboard/); its packages are an optional extra, imported only here."""
-    try:
-        from planbus.ops.dashboard import server
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the dashboard needs its optional packages ({exc.name} is not installed): "
-            "pip install 'planbus[dashboard]'"
-        ) from None
-    return await server.run(settings)
 
 
 async def demo_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@
 page, its event stream, the Retry and Cancel actions) behind `guard.py` (loopback names, the
 token, cross-site refusals); `feed.py` reads the database once per refresh for every open page
 (`queries.py`) and renders the sections once (`templates/`, autoescaped). Only this folder
-imports Starlette, uvicorn and Jinja2 (the optional `dashboard` extra), and only `ops.cli`
-imports this folder, when the command runs: the worker never loads any of them.
+imports Starlette, uvicorn and Jinja2 (the optional `dashboard` extra), and only
+`ops.dashboard_command` imports this folder, when the command runs: the worker never loads any
+of them.
 """
