@@ -126,6 +126,9 @@ async def test_an_action_that_no_longer_applies_says_why(database: Database) -> 
     pending = await database.insert_request(await database.insert_lead())
     async with running_dashboard(database.url) as dashboard, chromium() as browser:
         page = await browser.new_page()
+        # A page that has not heard of the claim yet: its stream is cut (the page still shows
+        # Cancel when the worker takes the request, as between two updates).
+        await page.route("**/events", lambda route: route.abort())
         await page.goto(dashboard.url)
         await claim(database, pending)  # a worker took it while the page showed Cancel
         await (
