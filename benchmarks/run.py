@@ -18,10 +18,11 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import first_step, limits, workloads
+from benchmarks import dashboard, first_step, limits, workloads
 from benchmarks.chart import w1_chart
 from benchmarks.harness import BenchError, LLMServer, Postgres, clean_directory, machine
 from benchmarks.workloads import FULL, QUICK, Bench
@@ -43,6 +44,7 @@ WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "recovery": workloads.recovery,
     "provider_limits": limits.provider_limits,
     "first_step": first_step.time_to_first_step,
+    "dashboard": dashboard.under_load,  # main() gives it --dashboard-seconds/-screenshot
 }
 # Minutes of provider pacing: left out of `--quick` unless named with `--only`.
 NOT_QUICK = ("provider_limits",)
@@ -191,6 +193,33 @@ ROWS = [
         "<=",
         9,
     ),
+    Row("Dashboard, 20 pages: RSS, peak", "MB", ("dashboard", "dashboard_rss_mb", "peak")),
+    Row("Dashboard, 20 pages: RSS, end", "MB", ("dashboard", "dashboard_rss_mb", "end")),
+    Row("Dashboard: CPU per minute", "s", ("dashboard", "dashboard_cpu_seconds_per_minute")),
+    Row(
+        "Dashboard: its statements per second, 20 pages",
+        "",
+        ("dashboard", "dashboard_statements_per_second"),
+        None,
+        "<=",
+        1.1,
+    ),
+    Row(
+        "Dashboard: database statements per second, all", "", ("dashboard", "statements_per_second")
+    ),
+    Row(
+        "Dashboard: longest wait between two updates of a page",
+        "s",
+        ("dashboard", "longest_gap_between_updates_seconds"),
+        None,
+        "<=",
+        2.0,
+    ),
+    Row(
+        "Dashboard: worker's completions per second meanwhile",
+        "req/s",
+        ("dashboard", "finished", "completed_per_second"),
+    ),
 ]
 
 COMPARE = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
@@ -314,7 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="sample each planbus worker with py-spy (pip install py-spy); implies --keep",
     )
+    parser.add_argument(
+        "--dashboard-seconds",
+        type=float,
+        help="how long the dashboard workload holds its 20 pages (default: 60; 10 with --quick)",
+    )
+    parser.add_argument(
+        "--dashboard-screenshot",
+        type=Path,
+        help="the dashboard workload also saves chromium's picture of the page here",
+    )
     args = parser.parse_args(argv)
+    WORKLOADS["dashboard"] = partial(
+        dashboard.under_load, seconds=args.dashboard_seconds, screenshot=args.dashboard_screenshot
+    )
     selected = [name for name in WORKLOADS if not (args.quick and name in NOT_QUICK)]
     if args.only:
         selected = [name.strip() for name in args.only.split(",")]

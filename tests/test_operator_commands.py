@@ -23,7 +23,7 @@ import planbus
 from planbus.llm.plan import Lead, Plan
 from planbus.llm.planner import TemplatePlanner
 from planbus.ops import cli
-from planbus.ops.commands import CANCELLED_ERROR
+from planbus.ops.actions import CANCELLED_ERROR
 from tests.helpers import Database, listening_events, running_worker
 from tests.test_cli import ago, failed_row, insert_row, run
 from tests.test_cli import planbus as planbus_process

@@ -24,7 +24,9 @@ ENV_PREFIX = "PLANBUS_"
 # PLANBUS_* variables that are not settings but are read by someone else on purpose.
 OTHER_VARIABLES = frozenset({"PLANBUS_TEST_DATABASE_URL"})
 # Settings that never get a flag: a secret on a command line shows in `ps` and shell history.
-NO_FLAG = frozenset({"openai_api_key"})
+NO_FLAG = frozenset({"openai_api_key", "dashboard_token"})
+# Settings of `python -m planbus dashboard`, whose flags are its own (--host, --port).
+DASHBOARD_ONLY = frozenset({"dashboard_host", "dashboard_port"})
 # A lease this many times shorter than the sweep buys no faster recovery: the sweep decides it.
 LEASE_SWEEP_RATIO = 4
 
@@ -111,6 +113,19 @@ class Settings(BaseSettings):
         default="127.0.0.1",
         description="address the metrics port binds to (0.0.0.0 for a scraper on another host)",
     )
+    # `python -m planbus dashboard` (docs/operations.md): loopback unless a token is set.
+    dashboard_host: str = Field(
+        default="127.0.0.1",
+        description="address the dashboard binds to; any other than loopback needs "
+        "PLANBUS_DASHBOARD_TOKEN",
+    )
+    dashboard_port: int = Field(
+        default=8787, ge=0, le=65535, description="port of the dashboard; 0: any free port"
+    )
+    dashboard_token: SecretStr | None = Field(
+        default=None,
+        description="the token every page and action of the dashboard then needs",
+    )
     # provider limits (docs/llm.md): 10 minutes of patience outlasts any per-minute window and a
     # provider's usual brown-out; the ceiling is off unless the operator knows the account's.
     throttle_patience_seconds: float = Field(
@@ -152,8 +167,10 @@ class Settings(BaseSettings):
         return self.planner
 
 
-# Every setting but the secret has a flag on `python -m planbus.listen`.
-FLAGS: tuple[str, ...] = tuple(name for name in Settings.model_fields if name not in NO_FLAG)
+# Every setting but the secrets and the dashboard's has a flag on `python -m planbus.listen`.
+FLAGS: tuple[str, ...] = tuple(
+    name for name in Settings.model_fields if name not in NO_FLAG | DASHBOARD_ONLY
+)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -11,12 +11,13 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 
 from planbus import __version__, logs
 from planbus.errors import ConfigurationError
-from planbus.ops import commands, console, embedded_command
+from planbus.ops import actions, commands, console, dashboard_command, embedded_command
 from planbus.ops.commands import EXIT_OK, EXIT_USAGE
 from planbus.settings import OneLineParser, Settings, load_settings
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = Subcommands(parser)
     for add in (_status, _show, _retry, _cancel, _purge, _request, _migrate, _demo):
         add(subcommands)
+    dashboard_command.add_command(subcommands.add)
     embedded_command.add_command(subcommands.actions)
     return parser
 
@@ -211,7 +213,7 @@ def _cancel(subcommands: Subcommands) -> None:
         "cancel",
         "fail pending requests on purpose",
         "Mark pending requests failed, with the error "
-        f'"{commands.CANCELLED_ERROR}", and send the plan_request_events event as for any '
+        f'"{actions.CANCELLED_ERROR}", and send the plan_request_events event as for any '
         "failure. A request a worker has already claimed is left to it. Exits 1 when a given "
         "ID was not cancelled.",
         "cancel 42",
@@ -333,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(args.log_format, args.log_level)
     handler: Handler = args.handler
     try:
-        settings = load_settings({"database_url": args.database_url})
+        settings = load_settings(_overrides(args))
         return anyio.run(handler, settings, args)
     except ConfigurationError as exc:
         print(f"planbus: {exc}", file=sys.stderr)
@@ -349,6 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # without a traceback, and keep Python from failing again on the final flush.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command's flags give; a flag not given leaves its variable in charge."""
+    overrides: dict[str, Any] = {"database_url": args.database_url}
+    if args.command == "dashboard":
+        given = {"dashboard_host": args.host, "dashboard_port": args.port}
+        overrides.update({name: value for name, value in given.items() if value is not None})
+    return overrides
 
 
 def _broken_pipe(exc: BaseException) -> bool:

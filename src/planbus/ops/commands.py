@@ -17,10 +17,9 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
-from psycopg import errors
 
-from planbus import logs, runtime
-from planbus.ops import admin_queries, client, console, demo, migrate, status
+from planbus import runtime
+from planbus.ops import actions, admin_queries, client, console, demo, migrate, status
 from planbus.ops.client import connection, fetchall
 from planbus.ops.console import clean, plural
 from planbus.settings import Settings
@@ -71,72 +70,35 @@ async def show_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def retry_command(settings: Settings, args: argparse.Namespace) -> int:
-    ids = sorted(set(args.ids)) or None
-    params = {"ids": ids, "since_seconds": args.since}
     async with connection(settings) as conn:
         print(f"database: {clean(await client.describe(conn, settings))}")
-        try:
-            retried = await fetchall(conn, admin_queries.RETRY_FAILED, params)
-        except errors.UniqueViolation:
-            print("a lead got a new request meanwhile; nothing was retried, try again")
-            return EXIT_FAILED
-        left = [i for i in ids or [] if i not in {r["id"] for r in retried}]
-        found = await fetchall(conn, admin_queries.REQUEST_STATUSES, {"ids": left}) if left else []
-    for row in retried:
+        outcome = await actions.retry(conn, args.ids or None, args.since)
+    if outcome.race:
+        print(actions.RETRY_RACE)
+        return EXIT_FAILED
+    for row in outcome.done:
         print(f"request {row['id']} (lead {row['lead_id']}) is pending again")
         print(f"  previous error: {clean(row['last_error'] or '-')}")
-        _log_operator_action(row, "requeued")
-    _explain_refusals(
-        left, found, "retried", "failed", "its lead already has a pending or processing request"
-    )
-    if not retried and not left:
+    _print_refusals(outcome)
+    if not outcome.done and not outcome.refused:
         print("no failed requests to retry")
-    return EXIT_FAILED if left else EXIT_OK
+    return EXIT_FAILED if outcome.refused else EXIT_OK
 
 
 async def cancel_command(settings: Settings, args: argparse.Namespace) -> int:
-    ids = sorted(set(args.ids))
     async with connection(settings) as conn:
         print(f"database: {clean(await client.describe(conn, settings))}")
-        cancelled = await fetchall(
-            conn, admin_queries.CANCEL_PENDING, {"ids": ids, "error": CANCELLED_ERROR}
-        )
-        left = [i for i in ids if i not in {r["id"] for r in cancelled}]
-        found = await fetchall(conn, admin_queries.REQUEST_STATUSES, {"ids": left}) if left else []
-    for row in cancelled:
+        outcome = await actions.cancel(conn, args.ids)
+    for row in outcome.done:
         print(f"request {row['id']} (lead {row['lead_id']}) cancelled: it is failed now")
-        _log_operator_action(row, "cancelled")
-    _explain_refusals(left, found, "cancelled", "pending", "a worker claimed it meanwhile")
-    return EXIT_FAILED if left else EXIT_OK
+    _print_refusals(outcome)
+    return EXIT_FAILED if outcome.refused else EXIT_OK
 
 
-CANCELLED_ERROR = "An operator cancelled this request before it was planned."
-
-
-def _log_operator_action(row: dict[str, Any], outcome: str) -> None:
-    log.info(
-        "request %d lead %d %s by an operator",
-        row["id"],
-        row["lead_id"],
-        outcome,
-        extra=logs.request_fields(row["id"], row["lead_id"], 0, outcome, None),
-    )
-
-
-def _explain_refusals(
-    left: list[int], found: list[dict[str, Any]], verb: str, expected: str, otherwise: str
-) -> None:
-    """Why each id in `left` was not acted on, on stderr."""
-    statuses = {row["id"]: row["status"] for row in found}
-    for request_id in left:
-        status = statuses.get(request_id)
-        if status is None:
-            reason = "no such request"
-        elif status != expected:
-            reason = f"it is {status}; only {expected} requests are {verb}"
-        else:
-            reason = otherwise
-        print(f"request {request_id} not {verb}: {reason}", file=sys.stderr)
+def _print_refusals(outcome: actions.Outcome) -> None:
+    """Why each id was not acted on, on stderr."""
+    for reason in outcome.refused.values():
+        print(reason, file=sys.stderr)
 
 
 async def purge_command(settings: Settings, args: argparse.Namespace) -> int:
