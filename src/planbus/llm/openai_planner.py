@@ -71,6 +71,9 @@ LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = tuple(
 )
 
 JSON_MODE: ResponseFormat = {"type": "json_object"}
+# The key sent to a server named by OPENAI_BASE_URL when OPENAI_API_KEY is not set (the SDK
+# refuses to start without one; llama.cpp, Ollama and vLLM without --api-key ignore it).
+KEYLESS = "no-key"
 
 # The answer's size is bounded twice. The model may write at most MAX_TOKENS tokens (a ten-step
 # plan is about 1,500), and planbus reads at most MAX_ANSWER_BYTES of the HTTP body: a streamed
@@ -81,6 +84,9 @@ MAX_ANSWER_BYTES = 2_000_000
 # Ask for the answer as server-sent events, usage in the last one; a server that answers with
 # plain JSON instead (as the tests' and benchmarks' instant servers do) is read as before.
 STREAM: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+# A stream without content is asked again as a whole answer, for that request only; this many
+# in a row (none with content between them) mean the server cannot stream: whole answers for all.
+EMPTY_STREAMS_IN_A_ROW = 3
 # With this header the SDK hands back the HTTP response before reading its body.
 RAW_BODY: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 
@@ -90,10 +96,15 @@ class OpenAIPlanner:
 
     name = "openai"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, keyless: bool = False) -> None:
+        """`keyless`: without OPENAI_API_KEY, call the server (a self-hosted one, named by
+        OPENAI_BASE_URL) with a placeholder key instead of refusing to start."""
         self.model = settings.model
         self.timeout = settings.llm_timeout_seconds
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        if key is None and keyless:
+            key = KEYLESS
+            log.info("OPENAI_API_KEY is not set: calling OPENAI_BASE_URL without a key")
         try:
             # Base URL from OPENAI_BASE_URL, key from OPENAI_API_KEY: the way the SDK reads them.
             # The SDK's aiohttp transport (`openai[aiohttp]`): measured against its default
@@ -108,8 +119,8 @@ class OpenAIPlanner:
             )
         except openai.OpenAIError:
             raise ConfigurationError(
-                "the openai planner needs OPENAI_API_KEY (any non-empty value for a server "
-                "without keys, such as a local Ollama); or set PLANBUS_PLANNER=template"
+                "the openai planner needs OPENAI_API_KEY, or OPENAI_BASE_URL naming a server "
+                "that needs no key (a local llama.cpp or Ollama); or set PLANBUS_PLANNER=template"
             ) from None
         self._secret = self._client.api_key
         self._errors = ProviderErrors(str(self._client.base_url), self._secret, self.timeout)
@@ -119,12 +130,14 @@ class OpenAIPlanner:
             f"{self._system_prompt}\nAnswer with one JSON object that matches this JSON "
             f"Schema:\n{json.dumps(schema)}\n"
         )
-        self._schema_format: ResponseFormat = {
-            "type": "json_schema",
-            "json_schema": {"name": "engagement_plan", "strict": True, "schema": schema},
-        }
-        self._json_schema_supported = True
+        # The bounded schema first; a server that refuses it (some refuse `maxLength`) gets
+        # the same schema without text lengths, and one that refuses that, JSON mode.
+        self._schema_formats: list[ResponseFormat] = [
+            schema_format(schema),
+            schema_format(plan_json_schema(text_lengths=False)),
+        ]
         self._streaming_supported = True
+        self._empty_streams = 0
 
     async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
         try:
@@ -138,15 +151,14 @@ class OpenAIPlanner:
 
     async def _ask(self, lead: Lead, on_progress: ProgressCallback | None) -> str:
         user = user_message(lead)
-        if self._json_schema_supported:
+        while self._schema_formats:
+            response_format = self._schema_formats[0]
             try:
-                return await self._complete(
-                    self._system_prompt, user, self._schema_format, on_progress
-                )
+                return await self._complete(self._system_prompt, user, response_format, on_progress)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 if not _rejects_json_schema(exc):
                     raise
-                self._fall_back_to_json_mode(exc)
+                self._fall_back(response_format, exc)
         return await self._complete(self._json_mode_prompt, user, JSON_MODE, on_progress)
 
     async def _complete(
@@ -170,7 +182,7 @@ class OpenAIPlanner:
         with anyio.fail_after(self.timeout):
             if self._streaming_supported:
                 try:
-                    return await self._call(body | STREAM, StepCollector(on_progress))
+                    content = await self._call(body | STREAM, StepCollector(on_progress))
                 except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                     if not _rejects_streaming(exc):
                         raise
@@ -178,7 +190,10 @@ class OpenAIPlanner:
                         f"HTTP {exc.status_code}: {server_detail(exc, self._secret) or '-'}"
                     )
                 except NoContentDeltas:
-                    self._stop_streaming("its stream carried no content")
+                    self._after_empty_stream()  # this request asks again, for a whole answer
+                else:
+                    self._empty_streams = 0
+                    return content
             return await self._call(body, None)
 
     async def _call(self, body: dict[str, Any], collector: StepCollector | None) -> str:
@@ -220,15 +235,36 @@ class OpenAIPlanner:
                 reason,
             )
 
-    def _fall_back_to_json_mode(self, exc: openai.APIStatusError) -> None:
-        if self._json_schema_supported:
-            self._json_schema_supported = False
-            log.warning(
-                "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); "
-                "using JSON mode plus validation from now on",
-                exc.status_code,
-                server_detail(exc, self._secret) or "no details",
-            )
+    def _after_empty_stream(self) -> None:
+        """One empty stream costs its own request a second call; only streams that keep
+        coming empty say the server cannot stream, and then nobody is asked for one."""
+        self._empty_streams += 1
+        if self._empty_streams >= EMPTY_STREAMS_IN_A_ROW:
+            self._stop_streaming(f"{self._empty_streams} streams in a row carried no content")
+        else:
+            log.warning("a streamed answer carried no content; asking for a whole answer instead")
+
+    def _fall_back(self, refused: ResponseFormat, exc: openai.APIStatusError) -> None:
+        """Drop a refused schema (once, however many calls saw it refused)."""
+        if refused not in self._schema_formats:
+            return
+        self._schema_formats.remove(refused)
+        log.warning(
+            "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); %s",
+            exc.status_code,
+            server_detail(exc, self._secret) or "no details",
+            "sending the schema without text lengths from now on"
+            if self._schema_formats
+            else "using JSON mode plus validation from now on",
+        )
+
+
+def schema_format(schema: dict[str, Any]) -> ResponseFormat:
+    """The `response_format` asking for a strict JSON-schema answer."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "engagement_plan", "strict": True, "schema": schema},
+    }
 
 
 def load_prompt() -> str:
