@@ -280,6 +280,17 @@ async def test_streams_that_keep_coming_empty_get_whole_calls_from_then_on(
     assert f"{EMPTY_STREAMS_IN_A_ROW} streams in a row carried no content" in warnings[0].message
 
 
+async def test_a_connection_the_server_closed_after_a_stream_is_not_a_failed_call(
+    planner: OpenAIPlanner, llm: FakeLLM
+) -> None:
+    # llama-server closes the kept-alive connection after each streamed answer; the next call,
+    # sent on it before the close arrives, is never read. It is sent again, on a new one.
+    llm.script(Reply(close_after=0.3))
+    for _ in range(2):
+        assert len((await planner.plan(LEAD)).steps) == len(STEPS)
+    assert [call.status for call in llm.calls] == [200, 200]
+
+
 async def test_a_stream_cut_in_the_middle_is_a_transient_error(
     planner: OpenAIPlanner, llm: FakeLLM
 ) -> None:

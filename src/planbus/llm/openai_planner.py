@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -71,6 +72,7 @@ LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = tuple(
 )
 
 JSON_MODE: ResponseFormat = {"type": "json_object"}
+NAME = "engagement_plan"  # the JSON schema's name in `response_format`
 # The key sent to a server named by OPENAI_BASE_URL when OPENAI_API_KEY is not set (the SDK
 # refuses to start without one; llama.cpp, Ollama and vLLM without --api-key ignore it).
 KEYLESS = "no-key"
@@ -133,8 +135,8 @@ class OpenAIPlanner:
         # The bounded schema first; a server that refuses it (some refuse `maxLength`) gets
         # the same schema without text lengths, and one that refuses that, JSON mode.
         self._schema_formats: list[ResponseFormat] = [
-            schema_format(schema),
-            schema_format(plan_json_schema(text_lengths=False)),
+            {"type": "json_schema", "json_schema": {"name": NAME, "strict": True, "schema": s}}
+            for s in (schema, plan_json_schema(text_lengths=False))
         ]
         self._streaming_supported = True
         self._empty_streams = 0
@@ -202,9 +204,14 @@ class OpenAIPlanner:
         # skips the per-call transformation of the parameters and the construction of
         # response models that `chat.completions.create` does: measured, 0.64 ms of CPU per
         # call instead of 1.12 ms, which is what bounds a worker's calls per second.
-        response = await self._client.post(
-            "/chat/completions", body=body, cast_to=httpx2.Response, options=RAW_BODY
-        )
+        try:
+            response = await self._post(body)
+        except openai.APIConnectionError as exc:
+            if not _stale_connection(exc):
+                raise
+            # A kept-alive connection the server had closed (llama-server closes one after
+            # every streamed answer): the call was never read; send it once more, on a new one.
+            response = await self._post(body)
         try:
             if collector is not None and _is_event_stream(response):
                 streamed = await read_stream(response.aiter_bytes(), MAX_ANSWER_BYTES, collector)
@@ -235,6 +242,11 @@ class OpenAIPlanner:
                 reason,
             )
 
+    async def _post(self, body: dict[str, Any]) -> httpx2.Response:
+        return await self._client.post(
+            "/chat/completions", body=body, cast_to=httpx2.Response, options=RAW_BODY
+        )
+
     def _after_empty_stream(self) -> None:
         """One empty stream costs its own request a second call; only streams that keep
         coming empty say the server cannot stream, and then nobody is asked for one."""
@@ -257,14 +269,6 @@ class OpenAIPlanner:
             if self._schema_formats
             else "using JSON mode plus validation from now on",
         )
-
-
-def schema_format(schema: dict[str, Any]) -> ResponseFormat:
-    """The `response_format` asking for a strict JSON-schema answer."""
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": "engagement_plan", "strict": True, "schema": schema},
-    }
 
 
 def load_prompt() -> str:
@@ -341,6 +345,18 @@ def _checked_content(content: Any, reason: Any) -> str:
         f"{INVALID_OUTPUT}: the answer had no message content (finish_reason {reason}).",
         kind="invalid_output",
     )
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """Did the call fail on a pooled connection the server had already closed, unanswered?"""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the SDK's error, the transport's, aiohttp's: a short chain
+        if seen is None:
+            return False
+        if isinstance(seen, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionResetError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
