@@ -9,7 +9,8 @@ build takes about 15 minutes on 2 cores, once; later calls find the cache and re
     python -m benchmarks.llama serve   # start it on a free port until Ctrl-C
 
 `LlamaServer` starts it as the issue measured it (2 slots, 8192 tokens of context shared by
-them, the model's own chat template), waits for `/health`, and stops it. It has the
+them, the model's own chat template; one compute thread, see THREADS), waits for `/health`,
+and stops it. It has the
 `base_url` the benchmark's workers read, like the fake servers.
 """
 
@@ -32,6 +33,10 @@ from typing import IO
 SCRIPT = Path(__file__).resolve().parent / "llama_server.sh"
 SLOTS = 2
 CONTEXT = 8192
+# One compute thread unless PLANBUS_LLAMA_THREADS says otherwise: on a busy 2-core machine (CI,
+# or tests and PostgreSQL beside it) two OpenMP threads wait at every op's barrier for one the
+# scheduler took away, and generation falls about 20x (measured: 0.6 against 13 tokens/s).
+THREADS = "PLANBUS_LLAMA_THREADS"
 BUILD_SECONDS = 3600  # the build's own deadline: ~15 min on 2 cores, more on a busy machine
 
 
@@ -92,6 +97,7 @@ class LlamaServer:
         self._log = log_path.open("wb")
         command = [str(llama.binary), "-m", str(llama.model), "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "-np", str(SLOTS), "-c", str(CONTEXT), "--jinja"]
+        command += ["--threads", os.environ.get(THREADS, "1")]
         self.process = subprocess.Popen(
             [*command, "--metrics", "--no-webui", *flags],
             stdout=self._log,
