@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dashboard, first_step, limits, workloads
+from benchmarks import dashboard, first_step, limits, real_model, workloads
 from benchmarks.chart import w1_chart
 from benchmarks.harness import BenchError, LLMServer, Postgres, clean_directory, machine
 from benchmarks.workloads import FULL, QUICK, Bench
@@ -45,9 +45,12 @@ WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "provider_limits": limits.provider_limits,
     "first_step": first_step.time_to_first_step,
     "dashboard": dashboard.under_load,  # main() gives it --dashboard-seconds/-screenshot
+    "real_model": real_model.real_model,
 }
 # Minutes of provider pacing: left out of `--quick` unless named with `--only`.
 NOT_QUICK = ("provider_limits",)
+# A real model on this machine's CPU (and, the first time, a 15-minute build): `--only` only.
+ONLY_WHEN_NAMED = ("real_model",)
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,27 @@ ROWS = [
         0.3,
     ),
     Row("Insert → first step readable, p50", "s", ("first_step", "first_step_seconds", "p50")),
+    Row("Real model: requests completed (of 6)", "", ("real_model", "completed"), None, ">=", 5),
+    Row(
+        "Real model: insert → first step readable, max",
+        "s",
+        ("real_model", "first_step_seconds", "max"),
+        None,
+        "<=",
+        15,
+    ),
+    Row("Real model: calls timed out", "", ("real_model", "timeouts"), None, "<=", 0),
+    Row("Real model: failed attempts", "", ("real_model", "failed_attempts")),
+    Row(
+        "Real model: tokens per plan, p50", "", ("real_model", "completion_tokens_per_plan", "p50")
+    ),
+    Row(
+        "Real model: model time per plan, p50", "s", ("real_model", "model_seconds_per_plan", "p50")
+    ),
+    Row(
+        "Real model: insert → finished, max", "s", ("real_model", "insert_to_finish_seconds", "max")
+    ),
+    Row("Real model: reminders written", "", ("real_model", "reminders_written")),
     Row(
         "Progress writes per request, most (8 steps)",
         "",
@@ -334,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"small sizes: a smoke run (~1 min), without {', '.join(NOT_QUICK)} unless --only",
     )
-    parser.add_argument("--only", help=f"comma-separated workloads, from: {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated workloads, from: {', '.join(WORKLOADS)} "
+        f"({', '.join(ONLY_WHEN_NAMED)} only when named here)",
+    )
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/)")
     parser.add_argument("--chart", type=Path, help="W1 chart (default: docs/ for a full run)")
     parser.add_argument("--keep", action="store_true", help="keep the data folder and logs")
@@ -357,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     WORKLOADS["dashboard"] = partial(
         dashboard.under_load, seconds=args.dashboard_seconds, screenshot=args.dashboard_screenshot
     )
-    selected = [name for name in WORKLOADS if not (args.quick and name in NOT_QUICK)]
+    selected = [
+        name
+        for name in WORKLOADS
+        if name not in ONLY_WHEN_NAMED and not (args.quick and name in NOT_QUICK)
+    ]
     if args.only:
         selected = [name.strip() for name in args.only.split(",")]
         unknown = set(selected) - set(WORKLOADS)

@@ -75,6 +75,9 @@ class Reply:
     chunk_chars: int = 4
     cut_after: int | None = None  # streamed: drop the connection after this many pieces
     no_content: bool = False  # streamed: role and finish chunks, no content delta
+    # Close the kept-alive connection this long after the answer, without a word (llama.cpp's
+    # server does so after every streamed answer): a call sent on it meanwhile is never read.
+    close_after: float | None = None
 
 
 @dataclass
@@ -227,6 +230,9 @@ class FakeLLM:
                 finally:
                     with self._lock:
                         self.in_flight -= 1
+                if reply.close_after is not None:
+                    await asyncio.sleep(reply.close_after)
+                    break
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
@@ -360,11 +366,12 @@ class FakeLLM:
                 return False
             if reply.tokens_per_second:
                 await _sleep_until(started + (index + 1) / reply.tokens_per_second)
-            writer.write(event(maker.chunk({"content": part})))
-            await writer.drain()
             sent += len(part)
+            # Written by the model before it is sent: the client may read it before drain returns.
             while len(call.step_times) < len(ends) and ends[len(call.step_times)] <= sent:
                 call.step_times.append(time.time())
+            writer.write(event(maker.chunk({"content": part})))
+            await writer.drain()
         if reply.cut_after is not None:
             return False
         writer.write(event(maker.chunk({}, "stop")))

@@ -10,9 +10,9 @@ import anyio
 import pytest
 from psycopg import errors
 
-from planbus.llm.openai_planner import FIELD_BUDGET, WEB_RESEARCH_BUDGET
 from planbus.llm.plan import MAX_DRAFT_TEXT, Lead, Plan
 from planbus.llm.planner import TemplatePlanner
+from planbus.llm.prompt import FIELD_BUDGET, WEB_RESEARCH_BUDGET
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM
 

@@ -135,6 +135,20 @@ def test_flag_wins_over_environment(database_url: str, listener_factory: list[Li
     assert listener.stop() == 0
 
 
+def test_a_server_named_without_a_key_is_one_warning_at_start(
+    database_url: str, listener_factory: list[Listener]
+) -> None:
+    env = listen_env(OPENAI_BASE_URL="http://127.0.0.1:8080/v1")
+    listener = Listener(env, "--database-url", database_url)
+    listener_factory.append(listener)
+    warning = listener.wait_for_line("OPENAI_BASE_URL is set but OPENAI_API_KEY is not")
+    assert "WARNING" in warning
+    assert "PLANBUS_PLANNER=openai" in warning
+    assert "planner template" in listener.wait_for_line(READY)
+    assert listener.stop() == 0
+    assert sum("OPENAI_BASE_URL" in line for line in listener.lines) == 1
+
+
 def test_sigterm_stops_cleanly_and_claims_nothing_new(
     database_url: str, listener_factory: list[Listener]
 ) -> None:

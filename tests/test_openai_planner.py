@@ -14,17 +14,16 @@ import pytest
 
 from planbus.errors import ConfigurationError, TransientError
 from planbus.llm.openai_errors import retry_after_seconds
-from planbus.llm.openai_planner import (
+from planbus.llm.openai_planner import KEYLESS, OpenAIPlanner, parse_plan
+from planbus.llm.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
+from planbus.llm.planner import TemplatePlanner, make_planner, template_steps
+from planbus.llm.prompt import (
     CUT_MARK,
     FIELD_BUDGET,
     WEB_RESEARCH_BUDGET,
-    OpenAIPlanner,
     load_prompt,
-    parse_plan,
     user_message,
 )
-from planbus.llm.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
-from planbus.llm.planner import TemplatePlanner, make_planner, template_steps
 from planbus.settings import load_settings
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
@@ -299,7 +298,9 @@ async def test_connection_dropped_by_the_server_is_a_connection_error(
     assert request["status"] == "failed"
     assert request["attempts"] == 2
     assert request["result"] == {"error": f"Could not connect to the LLM server at {llm.base_url}."}
-    assert len(llm.calls) == 2
+    # Unanswered, each call is sent once more at once: it may have met a connection the server
+    # had closed after its previous answer (llama-server does so after every stream).
+    assert len(llm.calls) == 4
 
 
 async def test_server_that_refuses_connections_is_an_outage_not_a_failed_attempt(
@@ -405,17 +406,14 @@ async def test_api_key_never_reaches_logs_or_rows(
 async def test_json_schema_rejection_falls_back_to_json_mode_once(
     database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    llm.script(
-        Reply(
-            status=400,
-            body={
-                "error": {
-                    "message": "response_format type 'json_schema' is not supported",
-                    "type": "invalid_request_error",
-                }
-            },
-        )
-    )
+    refusal = {
+        "error": {
+            "message": "response_format type 'json_schema' is not supported",
+            "type": "invalid_request_error",
+        }
+    }
+    # Refused as sent, then refused without text lengths too: JSON mode from then on.
+    llm.script(Reply(status=400, body=refusal), Reply(status=400, body=refusal))
     lead = await database.insert_lead()
     async with openai_worker(database):
         first = await database.wait_for(await database.insert_request(lead))
@@ -424,9 +422,9 @@ async def test_json_schema_rejection_falls_back_to_json_mode_once(
     assert first["status"] == second["status"] == "completed"
     assert first["attempts"] == 1
     formats = [call.body["response_format"] for call in llm.calls]
-    assert [f["type"] for f in formats] == ["json_schema", "json_object", "json_object"]
+    assert [f["type"] for f in formats] == ["json_schema"] * 2 + ["json_object"] * 2
     # JSON mode carries the schema in the prompt instead.
-    assert json.dumps(plan_json_schema()) in llm.calls[1].body["messages"][0]["content"]
+    assert json.dumps(plan_json_schema()) in llm.calls[2].body["messages"][0]["content"]
     warnings = [r for r in caplog.records if "JSON mode" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
@@ -468,7 +466,33 @@ def test_openai_planner_without_a_key_is_a_configuration_error(
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
-        make_planner(load_settings({"planner": "openai"}))
+        make_planner(load_settings({"planner": "openai"}), environ={})
+
+
+def test_auto_with_a_server_but_no_key_says_so_in_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    environ = {"OPENAI_BASE_URL": "http://127.0.0.1:8080/v1"}
+    planner = make_planner(load_settings({"planner": "auto"}), environ=environ)
+    assert isinstance(planner, TemplatePlanner)  # the contract: auto keys on OPENAI_API_KEY
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    message = warning.getMessage()
+    for needed in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "PLANBUS_PLANNER=openai", ":8080/v1"):
+        assert needed in message
+    caplog.clear()
+    make_planner(load_settings({"planner": "template"}), environ=environ)
+    make_planner(load_settings({"planner": "auto"}), environ={})
+    assert not caplog.records  # asked for the template, or no server named: nothing to say
+
+
+async def test_openai_planner_calls_a_server_without_a_key_when_given_none(
+    database: Database, llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")  # OPENAI_BASE_URL names the loopback server
+    request = await request_to_the_end(database)
+    assert request["status"] == "completed"
+    assert llm.calls[0].headers["authorization"] == f"Bearer {KEYLESS}"
 
 
 # -- pure functions --------------------------------------------------------------------------

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from planbus.errors import TransientError
-from planbus.llm.openai_planner import MAX_ANSWER_BYTES, MAX_TOKENS, OpenAIPlanner, parse_plan
+from planbus.llm.openai_planner import (
+    EMPTY_STREAMS_IN_A_ROW,
+    MAX_ANSWER_BYTES,
+    MAX_TOKENS,
+    OpenAIPlanner,
+    parse_plan,
+)
 from planbus.llm.openai_stream import (
     AnswerTooLarge,
     NoContentDeltas,
@@ -247,15 +253,42 @@ async def test_a_server_that_cannot_stream_a_json_schema_answer_gets_whole_calls
     assert len(warnings) == 1
 
 
-async def test_a_stream_without_content_gets_whole_calls_from_then_on(
+async def test_a_stream_without_content_costs_only_its_own_request_a_whole_call(
     planner: OpenAIPlanner, llm: FakeLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
     llm.script(Reply(no_content=True))
     assert len((await planner.plan(LEAD)).steps) == len(STEPS)
-    assert len((await planner.plan(LEAD)).steps) == len(STEPS)
-    assert [bool(call.body.get("stream")) for call in llm.calls] == [True, False, False]
-    warnings = [r for r in caplog.records if "its stream carried no content" in r.message]
+    seen: list[Progress] = []
+    llm.script(Reply(steps=STEPS, tokens_per_second=400))
+    assert len((await planner.plan(LEAD, seen.append)).steps) == len(STEPS)
+    # The empty stream's request asked again for a whole answer; the next one streams as before.
+    assert [bool(call.body.get("stream")) for call in llm.calls] == [True, False, True]
+    assert [len(progress.steps) for progress in seen] == [1, 2, 3, 4, 5]
+    assert not [r for r in caplog.records if "cannot stream" in r.message]
+
+
+async def test_streams_that_keep_coming_empty_get_whole_calls_from_then_on(
+    planner: OpenAIPlanner, llm: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm.default = Reply(no_content=True)  # streams carry nothing; whole answers are plans
+    for _ in range(EMPTY_STREAMS_IN_A_ROW + 1):
+        assert len((await planner.plan(LEAD)).steps) == len(STEPS)
+    streamed = [bool(call.body.get("stream")) for call in llm.calls]
+    assert streamed == [True, False] * EMPTY_STREAMS_IN_A_ROW + [False]
+    warnings = [r for r in caplog.records if "cannot stream a structured answer" in r.message]
     assert len(warnings) == 1
+    assert f"{EMPTY_STREAMS_IN_A_ROW} streams in a row carried no content" in warnings[0].message
+
+
+async def test_a_connection_the_server_closed_after_a_stream_is_not_a_failed_call(
+    planner: OpenAIPlanner, llm: FakeLLM
+) -> None:
+    # llama-server closes the kept-alive connection after each streamed answer; the next call,
+    # sent on it before the close arrives, is never read. It is sent again, on a new one.
+    llm.script(Reply(close_after=0.3))
+    for _ in range(2):
+        assert len((await planner.plan(LEAD)).steps) == len(STEPS)
+    assert [call.status for call in llm.calls] == [200, 200]
 
 
 async def test_a_stream_cut_in_the_middle_is_a_transient_error(

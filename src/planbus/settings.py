@@ -22,7 +22,9 @@ log = logging.getLogger("planbus.settings")
 PlannerName = Literal["openai", "template", "auto"]
 ENV_PREFIX = "PLANBUS_"
 # PLANBUS_* variables that are not settings but are read by someone else on purpose.
-OTHER_VARIABLES = frozenset({"PLANBUS_TEST_DATABASE_URL"})
+OTHER_VARIABLES = frozenset(
+    {"PLANBUS_TEST_DATABASE_URL", "PLANBUS_CACHE_DIR", "PLANBUS_LLAMA_THREADS"}  # tests, benchmarks
+)
 # Settings that never get a flag: a secret on a command line shows in `ps` and shell history.
 NO_FLAG = frozenset({"openai_api_key", "dashboard_token"})
 # Settings of `python -m planbus dashboard`, whose flags are its own (--host, --port).

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -32,13 +32,13 @@ from planbus.llm.openai_stream import (
     read_stream,
 )
 from planbus.llm.plan import (
-    LEAD_TEXT_FIELDS,
     InvalidPlan,
     Lead,
     Plan,
     plan_json_schema,
     validate_plan,
 )
+from planbus.llm.prompt import load_prompt, user_message
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -48,29 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Characters of each lead field sent to the model, so that a 1 MB `web_research` never exceeds
-# a model's context: at most 6 x 4,000 + 12,000 = 36,000 characters (about 9,000 tokens).
-FIELD_BUDGET = 4_000
-WEB_RESEARCH_BUDGET = 12_000
-CUT_MARK = " [...cut]"
-
-# How the prompt heads each of the lead's fields; `plan.LEAD_TEXT_FIELDS` gives which and in
-# what order (a field added there without a heading here fails at import, not in a prompt).
-LEAD_HEADINGS = {
-    "prospect_name": "Name",
-    "prospect_title": "Title",
-    "prospect_company": "Company",
-    "prospect_analysis": "Analysis of the prospect",
-    "closing_strategy": "Closing strategy",
-    "original_context": "Original context",
-    "web_research": "Web research",
-}
-LEAD_SECTIONS: tuple[tuple[str, str, int], ...] = tuple(
-    (name, LEAD_HEADINGS[name], WEB_RESEARCH_BUDGET if name == "web_research" else FIELD_BUDGET)
-    for name in LEAD_TEXT_FIELDS
-)
-
 JSON_MODE: ResponseFormat = {"type": "json_object"}
+NAME = "engagement_plan"  # the JSON schema's name in `response_format`
+# The key sent to a server named by OPENAI_BASE_URL when OPENAI_API_KEY is not set (the SDK
+# refuses to start without one; llama.cpp, Ollama and vLLM without --api-key ignore it).
+KEYLESS = "no-key"
 
 # The answer's size is bounded twice. The model may write at most MAX_TOKENS tokens (a ten-step
 # plan is about 1,500), and planbus reads at most MAX_ANSWER_BYTES of the HTTP body: a streamed
@@ -81,6 +63,9 @@ MAX_ANSWER_BYTES = 2_000_000
 # Ask for the answer as server-sent events, usage in the last one; a server that answers with
 # plain JSON instead (as the tests' and benchmarks' instant servers do) is read as before.
 STREAM: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+# A stream without content is asked again as a whole answer, for that request only; this many
+# in a row (none with content between them) mean the server cannot stream: whole answers for all.
+EMPTY_STREAMS_IN_A_ROW = 3
 # With this header the SDK hands back the HTTP response before reading its body.
 RAW_BODY: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 
@@ -90,10 +75,15 @@ class OpenAIPlanner:
 
     name = "openai"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, keyless: bool = False) -> None:
+        """`keyless`: without OPENAI_API_KEY, call the server (a self-hosted one, named by
+        OPENAI_BASE_URL) with a placeholder key instead of refusing to start."""
         self.model = settings.model
         self.timeout = settings.llm_timeout_seconds
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        if key is None and keyless:
+            key = KEYLESS
+            log.info("OPENAI_API_KEY is not set: calling OPENAI_BASE_URL without a key")
         try:
             # Base URL from OPENAI_BASE_URL, key from OPENAI_API_KEY: the way the SDK reads them.
             # The SDK's aiohttp transport (`openai[aiohttp]`): measured against its default
@@ -108,8 +98,8 @@ class OpenAIPlanner:
             )
         except openai.OpenAIError:
             raise ConfigurationError(
-                "the openai planner needs OPENAI_API_KEY (any non-empty value for a server "
-                "without keys, such as a local Ollama); or set PLANBUS_PLANNER=template"
+                "the openai planner needs OPENAI_API_KEY, or OPENAI_BASE_URL naming a server "
+                "that needs no key (a local llama.cpp or Ollama); or set PLANBUS_PLANNER=template"
             ) from None
         self._secret = self._client.api_key
         self.base_url = str(self._client.base_url)  # where the calls go: traces name the server
@@ -120,12 +110,14 @@ class OpenAIPlanner:
             f"{self._system_prompt}\nAnswer with one JSON object that matches this JSON "
             f"Schema:\n{json.dumps(schema)}\n"
         )
-        self._schema_format: ResponseFormat = {
-            "type": "json_schema",
-            "json_schema": {"name": "engagement_plan", "strict": True, "schema": schema},
-        }
-        self._json_schema_supported = True
+        # The bounded schema first; a server that refuses it (some refuse `maxLength`) gets
+        # the same schema without text lengths, and one that refuses that, JSON mode.
+        self._schema_formats: list[ResponseFormat] = [
+            {"type": "json_schema", "json_schema": {"name": NAME, "strict": True, "schema": s}}
+            for s in (schema, plan_json_schema(text_lengths=False))
+        ]
         self._streaming_supported = True
+        self._empty_streams = 0
 
     async def plan(self, lead: Lead, on_progress: ProgressCallback | None = None) -> Plan:
         try:
@@ -139,15 +131,14 @@ class OpenAIPlanner:
 
     async def _ask(self, lead: Lead, on_progress: ProgressCallback | None) -> str:
         user = user_message(lead)
-        if self._json_schema_supported:
+        while self._schema_formats:
+            response_format = self._schema_formats[0]
             try:
-                return await self._complete(
-                    self._system_prompt, user, self._schema_format, on_progress
-                )
+                return await self._complete(self._system_prompt, user, response_format, on_progress)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                 if not _rejects_json_schema(exc):
                     raise
-                self._fall_back_to_json_mode(exc)
+                self._fall_back(response_format, exc)
         return await self._complete(self._json_mode_prompt, user, JSON_MODE, on_progress)
 
     async def _complete(
@@ -171,7 +162,7 @@ class OpenAIPlanner:
         with anyio.fail_after(self.timeout):
             if self._streaming_supported:
                 try:
-                    return await self._call(body | STREAM, StepCollector(on_progress))
+                    content = await self._call(body | STREAM, StepCollector(on_progress))
                 except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
                     if not _rejects_streaming(exc):
                         raise
@@ -179,7 +170,10 @@ class OpenAIPlanner:
                         f"HTTP {exc.status_code}: {server_detail(exc, self._secret) or '-'}"
                     )
                 except NoContentDeltas:
-                    self._stop_streaming("its stream carried no content")
+                    self._after_empty_stream()  # this request asks again, for a whole answer
+                else:
+                    self._empty_streams = 0
+                    return content
             return await self._call(body, None)
 
     async def _call(self, body: dict[str, Any], collector: StepCollector | None) -> str:
@@ -188,9 +182,14 @@ class OpenAIPlanner:
         # skips the per-call transformation of the parameters and the construction of
         # response models that `chat.completions.create` does: measured, 0.64 ms of CPU per
         # call instead of 1.12 ms, which is what bounds a worker's calls per second.
-        response = await self._client.post(
-            "/chat/completions", body=body, cast_to=httpx2.Response, options=RAW_BODY
-        )
+        try:
+            response = await self._post(body)
+        except openai.APIConnectionError as exc:
+            if not _stale_connection(exc):
+                raise
+            # A kept-alive connection the server had closed (llama-server closes one after
+            # every streamed answer): the call was never read; send it once more, on a new one.
+            response = await self._post(body)
         try:
             if collector is not None and _is_event_stream(response):
                 streamed = await read_stream(response.aiter_bytes(), MAX_ANSWER_BYTES, collector)
@@ -225,40 +224,33 @@ class OpenAIPlanner:
                 reason,
             )
 
-    def _fall_back_to_json_mode(self, exc: openai.APIStatusError) -> None:
-        if self._json_schema_supported:
-            self._json_schema_supported = False
-            log.warning(
-                "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); "
-                "using JSON mode plus validation from now on",
-                exc.status_code,
-                server_detail(exc, self._secret) or "no details",
-            )
+    async def _post(self, body: dict[str, Any]) -> httpx2.Response:
+        return await self._client.post(
+            "/chat/completions", body=body, cast_to=httpx2.Response, options=RAW_BODY
+        )
 
+    def _after_empty_stream(self) -> None:
+        """One empty stream costs its own request a second call; only streams that keep
+        coming empty say the server cannot stream, and then nobody is asked for one."""
+        self._empty_streams += 1
+        if self._empty_streams >= EMPTY_STREAMS_IN_A_ROW:
+            self._stop_streaming(f"{self._empty_streams} streams in a row carried no content")
+        else:
+            log.warning("a streamed answer carried no content; asking for a whole answer instead")
 
-def load_prompt() -> str:
-    """The system prompt, from the package data file `prompts/engagement_plan.md`."""
-    prompt = resources.files("planbus.llm").joinpath("prompts/engagement_plan.md")
-    return prompt.read_text(encoding="utf-8")
-
-
-def user_message(lead: Lead) -> str:
-    """The lead's fields that are present, each cut to its budget."""
-    sections = []
-    for field, heading, budget in LEAD_SECTIONS:
-        text = (getattr(lead, field) or "").strip()
-        if text:
-            sections.append(f"## {heading}\n{cut(text, budget)}")
-    if not sections:
-        sections.append("(No information about the prospect was given.)")
-    return "Write the engagement plan for this prospect.\n\n" + "\n\n".join(sections)
-
-
-def cut(text: str, budget: int) -> str:
-    """`text` if it fits in `budget` characters, else its start and a visible mark."""
-    if len(text) <= budget:
-        return text
-    return text[: budget - len(CUT_MARK)] + CUT_MARK
+    def _fall_back(self, refused: ResponseFormat, exc: openai.APIStatusError) -> None:
+        """Drop a refused schema (once, however many calls saw it refused)."""
+        if refused not in self._schema_formats:
+            return
+        self._schema_formats.remove(refused)
+        log.warning(
+            "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); %s",
+            exc.status_code,
+            server_detail(exc, self._secret) or "no details",
+            "sending the schema without text lengths from now on"
+            if self._schema_formats
+            else "using JSON mode plus validation from now on",
+        )
 
 
 def parse_plan(content: str) -> Plan:
@@ -310,6 +302,18 @@ def _checked_content(content: Any, reason: Any) -> str:
         f"{INVALID_OUTPUT}: the answer had no message content (finish_reason {reason}).",
         kind="invalid_output",
     )
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """Did the call fail on a pooled connection the server had already closed, unanswered?"""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the SDK's error, the transport's, aiohttp's: a short chain
+        if seen is None:
+            return False
+        if isinstance(seen, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionResetError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _rejects_json_schema(exc: openai.APIStatusError) -> bool:

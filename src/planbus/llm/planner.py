@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from planbus.llm.plan import MAX_CONNECT_TEXT, Lead, Plan, validate_plan
@@ -9,6 +12,8 @@ from planbus.llm.plan import MAX_CONNECT_TEXT, Lead, Plan, validate_plan
 if TYPE_CHECKING:
     from planbus.llm.openai_stream import ProgressCallback
     from planbus.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Planner(Protocol):
@@ -97,12 +102,23 @@ def template_steps(lead: Lead) -> list[dict[str, Any]]:
     ]
 
 
-def make_planner(settings: Settings) -> Planner:
+def make_planner(settings: Settings, environ: Mapping[str, str] | None = None) -> Planner:
     """The planner the settings ask for (`auto`: openai when an API key is set)."""
+    environ = os.environ if environ is None else environ
+    base_url = environ.get("OPENAI_BASE_URL", "").strip()
     if settings.resolved_planner == "openai":
         from planbus.llm.openai_planner import OpenAIPlanner
 
-        return OpenAIPlanner(settings)
+        return OpenAIPlanner(settings, keyless=bool(base_url))
+    if base_url and settings.planner == "auto":
+        # `auto` keys on OPENAI_API_KEY (the contract), so a self-hosted server named without
+        # a key would otherwise be ignored without a word.
+        log.warning(
+            "OPENAI_BASE_URL is set but OPENAI_API_KEY is not, so PLANBUS_PLANNER=auto uses "
+            "the offline template planner and never calls %s; to use that server set "
+            "OPENAI_API_KEY (any value if it needs no key) or PLANBUS_PLANNER=openai",
+            base_url,
+        )
     return TemplatePlanner()
 
 

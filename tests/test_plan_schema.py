@@ -1,0 +1,249 @@
+"""The JSON schema sent to the model bounds its answer; the plan's rules are still checked after.
+
+A grammar-constrained server (llama.cpp, vLLM, OpenAI's strict structured outputs) can only
+write what the schema allows, so every rule a schema can say is said there. `conforms` below is
+a small reader of exactly the keywords the schema uses, so these tests need no schema library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any, get_args
+
+import pytest
+
+from planbus.llm.plan import (
+    MAX_CONNECT_TEXT,
+    MAX_DELAY_DAYS,
+    MAX_STEPS,
+    ActionType,
+    InvalidPlan,
+    Lead,
+    LeadId,
+    plan_json_schema,
+    validate_plan,
+)
+from planbus.llm.planner import template_steps
+from tests.helpers import Database, running_worker
+from tests.llm_server import FakeLLM, Reply
+
+# What both OpenAI's strict mode and llama.cpp's json-schema-to-grammar read (its README:
+# grammars/README.md, "JSON Schemas -> GBNF"); anything else a grammar would skip silently.
+KEYWORDS = {
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "anyOf",
+    "enum",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+}
+TYPES = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "integer": int,
+    "null": type(None),
+}
+
+
+def conforms(schema: dict[str, Any], value: Any) -> bool:
+    """Does `value` match `schema`? Only the keywords in KEYWORDS, as JSON Schema defines them."""
+    if "anyOf" in schema:
+        return any(conforms(branch, value) for branch in schema["anyOf"])
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    kind = next((k for k in kinds if isinstance(value, TYPES[k])), None)
+    if kind is None or isinstance(value, bool):
+        return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    if kind == "object":
+        properties = schema["properties"]
+        return set(value) == set(properties) and all(
+            conforms(properties[name], item) for name, item in value.items()
+        )
+    if kind == "array":
+        sized = schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value))
+        return sized and all(conforms(schema["items"], item) for item in value)
+    if kind == "string":
+        return bool(schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)))
+    if kind == "integer":
+        return bool(schema.get("minimum", value) <= value <= schema.get("maximum", value))
+    return True
+
+
+def walk(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every schema object inside `schema`, itself included."""
+    if isinstance(schema, dict):
+        yield schema
+        for value in schema.values():
+            yield from walk(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from walk(item)
+
+
+def plan(**changes: Any) -> dict[str, Any]:
+    """The template's plan (delays 0, 2, 4, 6, 9, 12; step 2 a comment, 3 a connect), changed."""
+    steps = template_steps(Lead(id=LeadId(1), telegram_id=1, prospect_name="Ada Lovelace"))
+    for key, value in changes.items():
+        index, field = key.split("_", 1)
+        steps[int(index.removeprefix("s"))][field] = value
+    return {"steps": steps}
+
+
+@pytest.fixture
+def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        yield server
+
+
+async def one_request(database: Database, **overrides: Any) -> dict[str, Any]:
+    lead = await database.insert_lead()
+    async with running_worker(database.url, planner="openai", **overrides):
+        return await database.wait_for(await database.insert_request(lead))
+
+
+# -- the schema --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_schema_sent_bounds_counts_ranges_texts_and_each_kind_of_step(
+    database: Database, llm: FakeLLM
+) -> None:
+    assert (await one_request(database))["status"] == "completed"
+    schema = llm.calls[0].body["response_format"]["json_schema"]["schema"]
+    steps = schema["properties"]["steps"]
+    assert (steps["minItems"], steps["maxItems"]) == (1, MAX_STEPS)
+    kinds = {
+        action: branch["properties"]
+        for branch in steps["items"]["anyOf"]
+        for action in branch["properties"]["action_type"]["enum"]
+    }
+    assert sorted(kinds) == sorted(get_args(ActionType))
+    assert sum(len(b["properties"]["action_type"]["enum"]) for b in steps["items"]["anyOf"]) == 8
+    for step in kinds.values():
+        assert step["step_id"] == {"type": "integer", "minimum": 1, "maximum": MAX_STEPS}
+        assert step["delay_days"] == {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_DAYS}
+        assert step["description"]["minLength"] == 1
+        for text in ("description", "timing"):
+            assert 0 < step[text]["maxLength"] <= 600
+    assert kinds["linkedin_comment"]["suggested_text"] == {"type": "null"}
+    assert kinds["linkedin_connect"]["suggested_text"]["maxLength"] == MAX_CONNECT_TEXT
+    assert kinds["email_outreach"]["suggested_text"]["maxLength"] <= 600
+
+
+@pytest.mark.parametrize("text_lengths", [True, False])
+def test_the_schema_keeps_to_strict_mode_and_to_what_a_grammar_reads(text_lengths: bool) -> None:
+    schema = plan_json_schema(text_lengths)
+    assert "anyOf" not in schema  # OpenAI: the root is an object
+    for node in walk(schema):
+        if "type" in node or "anyOf" in node:
+            assert set(node) <= KEYWORDS, set(node) - KEYWORDS
+        if "properties" in node:
+            # OpenAI strict: no other fields, every field required; llama.cpp: no anyOf beside.
+            assert node["additionalProperties"] is False
+            assert node["required"] == list(node["properties"])
+            assert "anyOf" not in node
+    lengths = [n for n in walk(schema) if "maxLength" in n or "minLength" in n]
+    assert bool(lengths) is text_lengths
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"s1_suggested_text": "Great post!"},  # a comment with a text
+        {"s2_suggested_text": "x" * (MAX_CONNECT_TEXT + 1)},
+        {"s5_delay_days": MAX_DELAY_DAYS + 1},
+        {"s0_delay_days": -1},
+        {"s0_delay_days": 4.5},
+        {"s0_step_id": 0},
+        {"s0_step_id": 1234},
+        {"s0_action_type": "twitter_follow"},
+        {"s0_description": ""},
+        {"s0_description": "x" * 2000},
+        {"s0_status": "done"},
+        {"s0_completed_at": "2024-05-01T00:00:00Z"},
+    ],
+)
+def test_what_the_schema_can_say_it_refuses_and_so_does_validation(broken: dict[str, Any]) -> None:
+    assert conforms(plan_json_schema(), plan())
+    data = plan(**broken)
+    assert not conforms(plan_json_schema(), data)
+    if broken != {"s0_description": "x" * 2000}:  # long is bounded for the model, not a rule
+        with pytest.raises(InvalidPlan):
+            validate_plan(data)
+
+
+def test_the_step_count_is_bounded_by_the_schema() -> None:
+    steps = plan()["steps"]
+    assert not conforms(plan_json_schema(), {"steps": []})
+    assert not conforms(plan_json_schema(), {"steps": [steps[0]] * (MAX_STEPS + 1)})
+
+
+@pytest.mark.parametrize(
+    "unsayable",
+    [
+        {"s3_delay_days": 1},  # delays decrease: 0, 2, 4, 1, ...
+        {"s1_step_id": 3},  # ids skip: 1, 3, 3, ...
+        {"s0_description": "   "},  # blank
+    ],
+)
+def test_a_plan_that_fits_the_schema_but_breaks_a_rule_is_still_rejected(
+    unsayable: dict[str, Any],
+) -> None:
+    data = plan(**unsayable)
+    assert conforms(plan_json_schema(), data)
+    with pytest.raises(InvalidPlan):
+        validate_plan(data)
+
+
+@pytest.mark.anyio
+async def test_a_plan_with_decreasing_delays_from_the_server_is_never_stored(
+    database: Database, llm: FakeLLM
+) -> None:
+    llm.default = Reply(content=json.dumps(plan(s3_delay_days=1)))
+    request = await one_request(database, max_attempts=1)
+    assert request["status"] == "failed"
+    assert "delay_days must never decrease" in request["result"]["error"]
+
+
+# -- a server that refuses part of the schema --------------------------------------------------
+
+OPENAI_REFUSES_LENGTHS = {
+    "error": {
+        "message": "Invalid schema for response_format 'engagement_plan': In context=("
+        "'properties', 'description'), 'maxLength' is not permitted.",
+        "type": "invalid_request_error",
+        "param": "response_format",
+    }
+}
+
+
+@pytest.mark.anyio
+async def test_a_server_that_refuses_text_lengths_gets_the_schema_without_them_from_then_on(
+    database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm.script(Reply(status=400, body=OPENAI_REFUSES_LENGTHS))
+    lead = await database.insert_lead()
+    async with running_worker(database.url, planner="openai"):
+        first = await database.wait_for(await database.insert_request(lead))
+        second = await database.wait_for(await database.insert_request(lead))
+
+    assert first["status"] == second["status"] == "completed"
+    assert first["attempts"] == 1
+    schemas = [call.body["response_format"]["json_schema"]["schema"] for call in llm.calls]
+    assert schemas == [plan_json_schema(), plan_json_schema(False), plan_json_schema(False)]
+    warnings = [r for r in caplog.records if "without text lengths" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
