@@ -25,6 +25,7 @@ from planbus.bus import effects, queries
 from planbus.bus.claim import Claim
 from planbus.bus.db import ListenerState, connect_for_claims, listen_forever
 from planbus.bus.effects import Outcome
+from planbus.bus.fleet import Fleet
 from planbus.bus.leases import Leases
 from planbus.bus.metrics import PaceCollector, TokenCounters, WorkerMetrics
 from planbus.bus.outcomes import report_outcome
@@ -38,6 +39,9 @@ from planbus.logs import request_fields
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Fair turns are taken among this many of the oldest due requests (see queries.CLAIM).
+FAIR_WINDOW = 500
 
 
 class Wakeup:
@@ -78,8 +82,9 @@ class Worker:
         self.inflight: dict[int, Claim] = {}
         # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
-        self.leases = Leases(settings, pool, self.inflight, self.metrics)
         self.limits = ProviderLimits(settings, pool)
+        self.fleet = Fleet(worker_id, pool, settings.sweep_seconds)
+        self.leases = Leases(settings, pool, self.inflight, self.metrics, self.fleet, self._beat)
         self.metrics.registry.register(PaceCollector(self.limits.pace))
         self.limits.tokens = TokenCounters(self.metrics.registry)
         self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
@@ -108,11 +113,13 @@ class Worker:
             if self._stopping:
                 background.cancel_scope.cancel()
                 return
+            await self._join_fleet()
+            background.start_soon(self.fleet.refresh_loop, self._beat)
             await background.start(self.completions.run)
             await background.start(self.progress.run)
             background.start_soon(self.leases.heartbeat_loop)
             # The sweep also catches pending rows that no notification announced.
-            background.start_soon(self.leases.sweep_loop, self._on_notify)
+            background.start_soon(self.leases.sweep_loop, self._after_sweep)
             log.info(
                 "listening on channel %s (worker %s, planner %s, concurrency %d)",
                 queries.LISTEN_CHANNEL,
@@ -126,6 +133,7 @@ class Worker:
                     await self._claim_loop(requests)
                 finally:
                     await self._drop_claims_connection()
+                await self.fleet.leave()  # nothing new is meant for this worker while it drains
                 await self._drain(requests)
             await self.leases.hand_back()
             background.cancel_scope.cancel()
@@ -135,6 +143,8 @@ class Worker:
     async def _claim_loop(self, requests: TaskGroup) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
         while not self._stopping:
+            if self.fleet.fallback_due(time.monotonic()):
+                self._maybe_more = True  # a request's designated claimer did not take it
             free = self.limits.allowed(len(self.inflight), time.monotonic())
             if free > 0 and self._due():
                 try:
@@ -162,7 +172,7 @@ class Worker:
         if self.limits.slots(len(self.inflight)) <= 0:
             return math.inf
         now = time.monotonic()
-        due = 0.0 if self._maybe_more else self._next_due - now
+        due = 0.0 if self._maybe_more else min(self._next_due, self.fleet.next_fallback()) - now
         return max(0.0, self.limits.wait(now), due)
 
     def _due(self) -> bool:
@@ -183,18 +193,22 @@ class Worker:
         if not granted:
             return []
         cursor = conn.cursor(row_factory=dict_row)
+        sent = time.monotonic()
         await cursor.execute(
             queries.CLAIM,
             {
                 "worker_id": self.worker_id,
                 "lease_seconds": self.settings.lease_seconds,
                 "limit": granted,
+                "fair_window": FAIR_WINDOW,
+                "announce": self.fleet.announce,
             },
         )
         rows = await cursor.fetchall()
         seconds = rows[0]["next_due_seconds"] if rows else None
         self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
         claims = [Claim.from_row(row) for row in rows if row["id"] is not None]
+        self.fleet.claimed_here([c.id for c in claims], len(claims) < granted, sent)
         if len(claims) == granted:
             self._maybe_more = True
         await self.limits.refund(conn, granted - len(claims))
@@ -233,11 +247,38 @@ class Worker:
                 await conn.close()
 
     def _on_notify(self, notify: psycopg.Notify | None = None) -> None:
-        if notify is not None and notify.channel == queries.PROVIDER_CHANNEL:
-            self.limits.paused_elsewhere(notify.payload)
-            return
+        if notify is not None:
+            if notify.channel == queries.PROVIDER_CHANNEL:
+                self.limits.paused_elsewhere(notify.payload)
+                return
+            if notify.channel == queries.CLAIMS_CHANNEL:
+                self.fleet.claimed_elsewhere(notify.payload)
+                return
+            if notify.channel == queries.WORKERS_CHANNEL:
+                self.fleet.peer_changed(notify.payload)
+                return
+            if not self.fleet.heard(notify.payload, time.monotonic()):
+                self._wakeup.set()  # another worker claims it; this one only plans a fallback
+                return
         self._maybe_more = True
         self._wakeup.set()
+
+    def _after_sweep(self, due: bool) -> None:
+        # A due request after a sweep: its notification was lost, or its claimer is gone.
+        if due:
+            self._on_notify()
+
+    def _beat(self) -> dict[str, Any]:
+        """This worker's row in planbus_workers."""
+        return self.fleet.beat_params(
+            len(self.inflight), self.settings.concurrency, self.limits.pace.current_limit
+        )
+
+    async def _join_fleet(self) -> None:
+        try:
+            await self.fleet.join(self._beat())
+        except psycopg.Error as exc:  # the sweep registers it later; until then it claims alone
+            log.warning("could not join the fleet (%s); will retry", one_line(exc))
 
     async def _on_connect(self, reconnected: bool) -> None:
         # After any gap in LISTEN, catch up on rows whose notification we may have missed.
