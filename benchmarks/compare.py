@@ -37,6 +37,19 @@ FIGURES: dict[str, list[tuple[str, ...]]] = {
     "w3": [("seconds",), ("ratio_to_ideal",)],
     "w4": [("seconds",), ("ratio_to_ideal",), ("peak_rss_mb",), ("max_connections_open",)],
     "idle": [("cpu_seconds_per_minute",), ("statements_per_minute",)],
+    "fleet": [
+        (f"workers_{n}", *figure)
+        for n in (1, 8, 32)
+        for figure in (
+            ("claims_per_request",),
+            ("statements_per_request",),
+            ("to_claim_ms", "p50"),
+            ("to_claim_ms", "p99"),
+            ("to_llm_ms", "p50"),
+            ("to_llm_ms", "p99"),
+        )
+    ],
+    "fairness": [("others_done_after_seconds", "max")],
 }
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import first_step, limits, workloads
+from benchmarks import first_step, fleet, limits, workloads
 from benchmarks.chart import w1_chart
 from benchmarks.harness import BenchError, LLMServer, Postgres, clean_directory, machine
 from benchmarks.workloads import FULL, QUICK, Bench
@@ -43,6 +43,8 @@ WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "recovery": workloads.recovery,
     "provider_limits": limits.provider_limits,
     "first_step": first_step.time_to_first_step,
+    "fleet": fleet.fleet,
+    "fairness": fleet.fairness,
 }
 # Minutes of provider pacing: left out of `--quick` unless named with `--only`.
 NOT_QUICK = ("provider_limits",)
@@ -87,6 +89,36 @@ def limit_rows() -> list[Row]:
 
 
 LIMIT_ROWS = limit_rows()
+
+
+def fleet_rows() -> list[Row]:
+    """Per fleet size: claims and statements per request, pickup p50/p99 (issue 25)."""
+    rows = []
+    for n in (1, 8, 32):
+        size = ("fleet", f"workers_{n}")
+        claims_target = 1.5 if n == 8 else None
+        rows += [
+            Row(
+                f"Fleet, {n} workers: claim statements per request",
+                "",
+                (*size, "claims_per_request"),
+                None,
+                "<=" if claims_target else None,
+                claims_target,
+            ),
+            Row(
+                f"Fleet, {n} workers: all statements per request",
+                "",
+                (*size, "statements_per_request"),
+            ),
+            Row(f"Fleet, {n} workers: commit → claim, p50", "ms", (*size, "to_claim_ms", "p50")),
+            Row(f"Fleet, {n} workers: commit → claim, p99", "ms", (*size, "to_claim_ms", "p99")),
+            Row(f"Fleet, {n} workers: commit → LLM call, p99", "ms", (*size, "to_llm_ms", "p99")),
+        ]
+    return rows
+
+
+FLEET_ROWS = fleet_rows()
 
 
 ROWS = [
@@ -190,6 +222,15 @@ ROWS = [
         None,
         "<=",
         9,
+    ),
+    *FLEET_ROWS,
+    Row(
+        "Fairness: 3 users behind one user's 20, slowest",
+        "s",
+        ("fairness", "others_done_after_seconds", "max"),
+        None,
+        "<=",
+        2.5,
     ),
 ]
 

@@ -41,7 +41,7 @@ from planbus.settings import Settings
 log = logging.getLogger(__name__)
 
 # Fair turns are taken among this many of the oldest due requests (see queries.CLAIM).
-FAIR_WINDOW = 500
+FAIR_WINDOW = 100
 
 
 class Wakeup:
