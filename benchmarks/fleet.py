@@ -28,7 +28,7 @@ from benchmarks.harness import (
 )
 from benchmarks.workloads import Bench, _insert
 
-FLEET_SIZES = (1, 8, 32)
+START_BATCH = 4
 
 
 def fleet(bench: Bench) -> dict[str, Any]:
@@ -40,38 +40,46 @@ def _fleet_run(bench: Bench, workers: int) -> dict[str, Any]:
     sizes = bench.sizes
     count = sizes.fleet_requests
     dbname, dsn = bench.database(f"fleet_{workers}")
-    leads = seed(dsn, count + 1, pending=False)
+    # One warm-up request per worker: each opens its LLM connection before the measured ones
+    # (consecutive ids go to consecutive workers).
+    warmup = workers
+    leads = seed(dsn, warmup + count, pending=False)
     bench.llm.configure(delay=0.0)
     # Small pools: 32 workers must fit the server's connections (and a 2-core machine).
     flags = ("--pool-size", "2")
-    procs = [
-        WorkerProcess.planbus(
-            dsn,
-            bench.llm,
-            bench.logs / f"fleet_{workers}_{n}.log",
-            "openai",
-            *flags,
-            source=bench.source,
-        )
-        for n in range(workers)
-    ]
+    procs: list[WorkerProcess] = []
     committed: dict[int, tuple[int, float]] = {}
     try:
-        for proc in procs:
-            proc.wait_ready(120)
+        # A few at a time: 32 interpreters starting at once on 2 cores take minutes.
+        for first in range(0, workers, START_BATCH):
+            batch = [
+                WorkerProcess.planbus(
+                    dsn,
+                    bench.llm,
+                    bench.logs / f"fleet_{workers}_{n}.log",
+                    "openai",
+                    *flags,
+                    source=bench.source,
+                )
+                for n in range(first, min(first + START_BATCH, workers))
+            ]
+            procs += batch
+            for proc in batch:
+                proc.wait_ready(300)
         _settle(dsn, workers)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            _insert(conn, leads, 1)  # warm-up: opens one worker's LLM connection
-        wait_finished(dsn, 1, 30)
+            for key in range(1, warmup + 1):
+                _insert(conn, leads, key)
+                wait_finished(dsn, key, 30)
         reset_statements(bench.pg.admin)
         with psycopg.connect(dsn, autocommit=True) as conn:
             start = time.monotonic()
-            for index, key in enumerate(range(2, count + 2)):
+            for index, key in enumerate(range(warmup + 1, warmup + count + 1)):
                 pause = start + index / sizes.fleet_rate - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
                 committed[key] = _insert(conn, leads, key)
-        wait_finished(dsn, count + 1, 60)
+        wait_finished(dsn, warmup + count, 60)
         statements = statements_sent(bench.pg.admin, dbname)
         arrivals = bench.llm.first_arrivals()
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -89,6 +97,7 @@ def _fleet_run(bench: Bench, workers: int) -> dict[str, Any]:
         "workers": workers,
         "requests": count,
         "rate_per_second": sizes.fleet_rate,
+        "warmup_requests": warmup,
         "claims_per_request": round(claims / count, 3),
         "statements_per_request": round(worker_statements / count, 3),
         "by_statement": {
