@@ -94,6 +94,8 @@ def main() -> int:
         for path in FIGURES[name]:
             before = [lookup(r, path) for r in runs[name]["before"]]
             after = [lookup(r, path) for r in runs[name]["after"]]
+            if all(v is None for v in before) or all(v is None for v in after):
+                continue  # not measured on one side (e.g. a fleet size --quick leaves out)
             medians = [
                 statistics.median(v for v in side if v is not None) for side in (before, after)
             ]

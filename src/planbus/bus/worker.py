@@ -163,6 +163,7 @@ class Worker:
                     # HTTP client sends from a task of its own, so without this pause a batch
                     # of n claims sends nothing until all n requests are built.
                     await anyio.lowlevel.checkpoint()
+                self._claimed(claims)  # its log line and metrics: after the requests left
                 continue
             await self._wakeup.wait(self._idle_timeout())
 
@@ -214,6 +215,11 @@ class Worker:
         await self.limits.refund(conn, granted - len(claims))
         for claim in claims:
             self.limits.started(claim, time.monotonic())
+        return claims
+
+    def _claimed(self, claims: list[Claim]) -> None:
+        """Log and count claims whose requests are already on their way to the model."""
+        for claim in claims:
             log.info(
                 "request %d lead %d claimed (attempt %d, waited %.1f ms)",
                 claim.id,
@@ -225,7 +231,6 @@ class Worker:
                 ),
             )
             self.metrics.claimed(claim.attempt, claim.waited_seconds)
-        return claims
 
     async def _grant(self, conn: psycopg.AsyncConnection[Any], wanted: int) -> int:
         """How many calls the provider's limits allow now (all `wanted` when none applies)."""
