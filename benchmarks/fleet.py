@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from benchmarks.harness import (
+    BenchError,
     WorkerProcess,
     percentiles,
     reset_statements,
@@ -117,8 +118,8 @@ def _settle(dsn: str, workers: int) -> None:
         return row is not None and row[0] >= workers
 
     try:
-        wait_until(registered, 30, f"{workers} workers in planbus_workers")
-    except psycopg.errors.UndefinedTable:  # code from before the fleet: nothing to wait for
+        wait_until(registered, 20, f"{workers} workers in planbus_workers")
+    except (BenchError, psycopg.errors.UndefinedTable):  # code without a fleet: nothing to wait for
         pass
     time.sleep(1.0)
 

@@ -134,7 +134,7 @@ class Postgres:
             [
                 sys.executable,
                 "-c",
-                "import sys; from planbus import migrate; migrate.upgrade(sys.argv[1])",
+                "import sys; from planbus.ops import migrate; migrate.upgrade(sys.argv[1])",
                 self.dsn(template),
             ],
             env={**os.environ, "PYTHONPATH": str(source / "src")},
