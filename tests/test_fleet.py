@@ -12,7 +12,7 @@ import pytest
 from planbus import runtime
 from planbus.bus.worker import Worker
 from planbus.settings import load_settings
-from tests.helpers import Database, eventually, running_worker
+from tests.helpers import Database, eventually, running_worker, wait_until
 from tests.llm_server import FakeLLM, Reply
 
 pytestmark = pytest.mark.anyio
@@ -100,14 +100,25 @@ async def test_a_request_meant_for_a_dead_worker_is_claimed_by_another(
 
 
 async def test_a_worker_keeps_its_row_while_running_and_removes_it_on_stop(
-    database: Database,
+    database: Database, llm: FakeLLM
 ) -> None:
-    async with running_worker(database.url, concurrency=3) as worker:
+    lead = await database.insert_lead()
+    # A lease of 1 s: the heartbeat (lease/4) renews the row while the 0.5 s call runs.
+    async with running_worker(database.url, "openai", concurrency=3, lease_seconds=1.0) as worker:
         row = await database.fetchone("SELECT * FROM planbus_workers")
         assert row is not None
         assert row["worker_id"] == worker.worker_id
         assert (row["inflight"], row["concurrency"], row["llm_limit"]) == (0, 3, 3)
         assert row["version"]
+        request_id = await database.insert_request(lead)
+        busy = await wait_until(
+            lambda: database.fetchone("SELECT * FROM planbus_workers"),
+            lambda row: row["inflight"] == 1,
+            5,
+            "the heartbeat to say one request is in flight",
+        )
+        assert busy["heartbeat_at"] > row["heartbeat_at"]
+        await database.wait_for(request_id)
     assert await database.value("SELECT count(*) FROM planbus_workers") == 0
 
 
