@@ -275,8 +275,9 @@ def slow_model(bench: Bench, *, fan_out: bool = False, baseline: bool = False) -
 
 # -- idle ----------------------------------------------------------------------------------
 
-# What one sweep does: the sweep statement, then the claim it wakes ("next due": the separate
-# statement that code before the claim learned the next retry's due time sent after it).
+# What one sweep does: the sweep statement (which also renews the worker's row in
+# planbus_workers), then the claim it wakes, only when a request is due ("next due": the
+# separate statement that code before the claim learned the next retry's due time sent).
 SWEEP_CYCLE = ("sweep", "claim", "next due")
 
 
