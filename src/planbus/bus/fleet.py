@@ -144,6 +144,13 @@ class Fleet:
             row = await cursor.fetchone()
         self.set_peers(list(row[0]) if row else None)
 
+    async def start(self, params: dict[str, Any]) -> None:
+        """Join at start; on a database error the sweep registers it later (alone until then)."""
+        try:
+            await self.join(params)
+        except psycopg.Error as exc:
+            log.warning("could not join the fleet (%s); will retry", one_line(exc))
+
     async def refresh_loop(self, params: Any) -> None:
         """Read the list again after a peer joined or left; `params()` is this row's values."""
         while True:

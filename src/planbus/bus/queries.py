@@ -28,16 +28,14 @@ WORKERS_CHANNEL: LiteralString = "planbus_workers"
 # ends a claim commits durably, and its flush covers the claim before it.
 # `waited_seconds` counts from when the request became due: its insert, or the end of a retry
 # delay, a hand-back or `planbus retry` (each sets run_after), never from a first attempt.
-# Fair turns: among the %(fair_window)s oldest due requests, a user's n-th is claimed after every
-# other user's earlier ones (row_number() per telegram_id), and within a turn the user served
-# least recently (max(claimed_at), one probe of index planbus_plan_requests_served) goes first:
-# one user's batch of twenty does not hold a colleague's single request behind it, even after
-# the batch's first requests were claimed. The window bounds the cost on a backlog (about 4 us
-# a row: 0.5 ms for 100 rows; 0.1 ms with one due row); FOR UPDATE cannot sit beside a window
-# function, hence the ordered array of ids (WITH ORDINALITY keeps its order) joined back to the
-# rows it locks.
-# With peers (%(announce)s), the claim says what it took on CLAIMS_CHANNEL, in the same
-# statement: the other workers then drop the fallback claims they had planned (bus/fleet.py).
+# Fair turns: among the FAIR_WINDOW oldest due requests, a user's n-th is claimed after every
+# other user's earlier ones (row_number() per telegram_id), the user served least recently
+# (max(claimed_at): one probe of index planbus_plan_requests_served) first within a turn. The
+# window bounds the cost on a backlog (about 4 us a row; 0.1 ms with one due row). FOR UPDATE
+# cannot sit beside a window function: an ordered array of ids (WITH ORDINALITY keeps its
+# order) is joined back to the rows it locks. With peers (%(announce)s), the claim says what
+# it took on CLAIMS_CHANNEL: the others drop the fallback claims they planned (bus/fleet.py).
+FAIR_WINDOW = 100
 CLAIM: LiteralString = """
 WITH claimed AS (
     UPDATE plan_requests AS r

@@ -40,22 +40,30 @@ from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Fair turns are taken among this many of the oldest due requests (see queries.CLAIM).
-FAIR_WINDOW = 100
-
 
 class Wakeup:
     """A resettable event: `set()` from anywhere, `wait()` until set or timed out."""
 
     def __init__(self) -> None:
         self._event = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
+        self._until = math.inf
 
     def set(self) -> None:
         self._event.set()
 
-    async def wait(self, seconds: float) -> None:
-        with anyio.move_on_after(seconds):
+    def by(self, moment: float) -> None:
+        # The current wait ends at `moment` (never past its timeout), the waiter left asleep:
+        # a fallback claim planned or dropped costs no task switch.
+        if self._scope is not None:
+            self._scope.deadline = min(self._until, moment)
+
+    async def wait(self, seconds: float, moment: float = math.inf) -> None:
+        with anyio.move_on_after(seconds) as self._scope:
+            self._until = self._scope.deadline
+            self.by(moment)
             await self._event.wait()
+        self._scope = None
         # Reset before the caller claims: a wake-up arriving after this is not lost, because
         # the claim that follows sees every row committed before that notification.
         self._event = anyio.Event()
@@ -113,7 +121,7 @@ class Worker:
             if self._stopping:
                 background.cancel_scope.cancel()
                 return
-            await self._join_fleet()
+            await self.fleet.start(self._beat())
             background.start_soon(self.fleet.refresh_loop, self._beat)
             await background.start(self.completions.run)
             await background.start(self.progress.run)
@@ -165,7 +173,7 @@ class Worker:
                     await anyio.lowlevel.checkpoint()
                 self._claimed(claims)  # its log line and metrics: after the requests left
                 continue
-            await self._wakeup.wait(self._idle_timeout())
+            await self._wakeup.wait(self._idle_timeout(), self._next_fallback())
 
     def _idle_timeout(self) -> float:
         # With every slot busy only a finished request (or stop) can make room; a free slot
@@ -173,8 +181,16 @@ class Worker:
         if self.limits.slots(len(self.inflight)) <= 0:
             return math.inf
         now = time.monotonic()
-        due = 0.0 if self._maybe_more else min(self._next_due, self.fleet.next_fallback()) - now
+        due = 0.0 if self._maybe_more else self._next_due - now
         return max(0.0, self.limits.wait(now), due)
+
+    def _next_fallback(self) -> float:
+        """When a planned fallback claim is due (monotonic); never while every slot is busy."""
+        if self.limits.slots(len(self.inflight)) <= 0:
+            return math.inf
+        return max(
+            self.fleet.next_fallback(), time.monotonic() + self.limits.wait(time.monotonic())
+        )
 
     def _due(self) -> bool:
         return self._maybe_more or time.monotonic() >= self._next_due
@@ -201,7 +217,7 @@ class Worker:
                 "worker_id": self.worker_id,
                 "lease_seconds": self.settings.lease_seconds,
                 "limit": granted,
-                "fair_window": FAIR_WINDOW,
+                "fair_window": queries.FAIR_WINDOW,
                 "announce": self.fleet.announce,
             },
         )
@@ -258,32 +274,24 @@ class Worker:
                 return
             if notify.channel == queries.CLAIMS_CHANNEL:
                 self.fleet.claimed_elsewhere(notify.payload)
+                self._wakeup.by(self._next_fallback())  # a dropped fallback wakes no one
                 return
             if notify.channel == queries.WORKERS_CHANNEL:
                 self.fleet.peer_changed(notify.payload)
                 return
             if not self.fleet.heard(notify.payload, time.monotonic()):
-                self._wakeup.set()  # another worker claims it; this one only plans a fallback
+                self._wakeup.by(self._next_fallback())  # another worker claims it (or we do)
                 return
         self._maybe_more = True
         self._wakeup.set()
 
     def _after_sweep(self, due: bool) -> None:
-        # A due request after a sweep: its notification was lost, or its claimer is gone.
-        if due:
+        if due:  # a due request after a sweep: its notification was lost, or its claimer gone
             self._on_notify()
 
-    def _beat(self) -> dict[str, Any]:
-        """This worker's row in planbus_workers."""
-        return self.fleet.beat_params(
-            len(self.inflight), self.settings.concurrency, self.limits.pace.current_limit
-        )
-
-    async def _join_fleet(self) -> None:
-        try:
-            await self.fleet.join(self._beat())
-        except psycopg.Error as exc:  # the sweep registers it later; until then it claims alone
-            log.warning("could not join the fleet (%s); will retry", one_line(exc))
+    def _beat(self) -> dict[str, Any]:  # this worker's row in planbus_workers
+        limit = self.limits.pace.current_limit
+        return self.fleet.beat_params(len(self.inflight), self.settings.concurrency, limit)
 
     async def _on_connect(self, reconnected: bool) -> None:
         # After any gap in LISTEN, catch up on rows whose notification we may have missed.
