@@ -10,12 +10,12 @@ import anyio
 import pytest
 
 from planbus import runtime
+from planbus.bus.fleet import FALLBACK_STEP
+from planbus.bus.fleet import Fleet as WorkerFleet
 from planbus.bus.worker import Worker
 from planbus.settings import load_settings
 from tests.helpers import Database, eventually, running_worker, wait_until
 from tests.llm_server import FakeLLM, Reply
-
-pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
@@ -64,6 +64,7 @@ def sees(workers: list[Worker], peers: int) -> bool:
     )
 
 
+@pytest.mark.anyio
 async def test_eight_workers_spend_about_one_claim_per_request(database: Database) -> None:
     leads = [await database.insert_lead(telegram_id=n) for n in range(40)]
     async with running_fleet(database.url, 8) as workers:
@@ -83,6 +84,7 @@ async def test_eight_workers_spend_about_one_claim_per_request(database: Databas
     assert completed == len(leads)
 
 
+@pytest.mark.anyio
 async def test_a_request_meant_for_a_dead_worker_is_claimed_by_another(
     database: Database,
 ) -> None:
@@ -99,6 +101,7 @@ async def test_a_request_meant_for_a_dead_worker_is_claimed_by_another(
     assert {r["status"] for r in rows} == {"completed"}
 
 
+@pytest.mark.anyio
 async def test_a_worker_keeps_its_row_while_running_and_removes_it_on_stop(
     database: Database, llm: FakeLLM
 ) -> None:
@@ -122,6 +125,7 @@ async def test_a_worker_keeps_its_row_while_running_and_removes_it_on_stop(
     assert await database.value("SELECT count(*) FROM planbus_workers") == 0
 
 
+@pytest.mark.anyio
 @pytest.mark.slow
 async def test_one_users_batch_does_not_hold_back_other_users(
     database: Database, llm: FakeLLM
@@ -143,3 +147,36 @@ async def test_one_users_batch_does_not_hold_back_other_users(
     assert all(order.index(other) < third for other in others), order
     # 0.5 s per call, 2 at once: the three are done after about 1.5 s, not after 5.5 s.
     assert all(r["seconds"] <= 2.5 for r in rows if r["telegram_id"] != 1), rows
+
+
+def fleet_of(names: list[str]) -> list[WorkerFleet]:
+    fleets = [WorkerFleet(name, None, 5.0) for name in names]  # type: ignore[arg-type]
+    for fleet in fleets:
+        fleet.set_peers(names)
+    return fleets
+
+
+@pytest.mark.anyio
+async def test_each_request_has_exactly_one_designated_claimer() -> None:
+    fleets = fleet_of(["host:1", "host:2", "host:3"])
+    for request_id in range(1, 31):
+        assert sum(f.heard(str(request_id), now=0.0) for f in fleets) == 1
+    # The others planned fallbacks one step per place apart.
+    assert sorted(f.next_fallback() for f in fleets) == [FALLBACK_STEP] * 3
+    # A payload that is not an id (a hand-written NOTIFY) lets anyone look.
+    assert all(f.heard("hello", now=0.0) for f in fleets)
+
+
+@pytest.mark.anyio
+async def test_a_peers_claim_drops_the_fallbacks_its_own_does_not() -> None:
+    mine, _ = fleet_of(["host:1", "host:2"])
+    assert not mine.heard("1", now=0.0)  # id 1 is host:2's
+    mine.claimed_elsewhere("p host:1")  # this worker's own announcement
+    assert mine.fallback_due(now=1.0)
+    assert not mine.heard("3", now=0.0)
+    mine.claimed_elsewhere("f host:2 3,4")  # the limit stopped it, but it took 3
+    assert not mine.fallback_due(now=1.0)
+    assert not mine.heard("5", now=0.0)
+    mine.claimed_elsewhere("p host:2")  # it took every due request it found
+    assert mine.next_fallback() == float("inf")
+    mine.claimed_elsewhere("nonsense")  # ignored

@@ -86,9 +86,12 @@ class Fleet:
         return False
 
     def claimed_elsewhere(self, payload: str) -> None:
-        """A peer's claim: `p ids` (it took every due request it found) or `f ids` (its limit
-        stopped it)."""
-        kind, _, ids = payload.partition(" ")
+        """A peer's claim: `p worker ids` (it took every due request it found) or `f worker
+        ids` (its limit stopped it). This worker's own claims were counted when they returned:
+        its own `p` must not drop a fallback heard after that claim's snapshot."""
+        kind, worker, ids = [*payload.split(" ", 2), "", ""][:3]
+        if worker == self.worker_id:
+            return
         if kind == "p":
             self._fallbacks.clear()
         elif kind == "f":

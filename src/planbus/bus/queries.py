@@ -73,10 +73,10 @@ WITH claimed AS (
            r.created_at, r.run_after, r.claimed_at
 ), announced AS (
     -- With peers listening, say what this claim took: `p` when it took every due row it
-    -- found (fewer than its limit), `f` when the limit stopped it; then the ids.
+    -- found (fewer than its limit), `f` when the limit stopped it; then who, and the ids.
     SELECT pg_notify('planbus_claims',
-                     CASE WHEN count(*) >= %(limit)s THEN 'f' ELSE 'p' END
-                     || coalesce(' ' || string_agg(id::text, ','), ''))
+                     CASE WHEN count(*) >= %(limit)s THEN 'f ' ELSE 'p ' END
+                     || %(worker_id)s::text || coalesce(' ' || string_agg(id::text, ','), ''))
       FROM claimed
     HAVING %(announce)s::boolean
 ), next_due AS (
