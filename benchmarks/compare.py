@@ -37,6 +37,19 @@ FIGURES: dict[str, list[tuple[str, ...]]] = {
     "w3": [("seconds",), ("ratio_to_ideal",)],
     "w4": [("seconds",), ("ratio_to_ideal",), ("peak_rss_mb",), ("max_connections_open",)],
     "idle": [("cpu_seconds_per_minute",), ("statements_per_minute",)],
+    "fleet": [
+        (f"workers_{n}", *figure)
+        for n in (1, 8, 32)
+        for figure in (
+            ("claims_per_request",),
+            ("statements_per_request",),
+            ("to_claim_ms", "p50"),
+            ("to_claim_ms", "p99"),
+            ("to_llm_ms", "p50"),
+            ("to_llm_ms", "p99"),
+        )
+    ],
+    "fairness": [("others_done_after_seconds", "max")],
 }
 
 
@@ -81,6 +94,8 @@ def main() -> int:
         for path in FIGURES[name]:
             before = [lookup(r, path) for r in runs[name]["before"]]
             after = [lookup(r, path) for r in runs[name]["after"]]
+            if all(v is None for v in before) or all(v is None for v in after):
+                continue  # not measured on one side (e.g. a fleet size --quick leaves out)
             medians = [
                 statistics.median(v for v in side if v is not None) for side in (before, after)
             ]

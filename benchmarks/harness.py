@@ -433,7 +433,7 @@ def verify_effects(dsn: str, count: int, events: int | None) -> dict[str, Any]:
 
 # The worker's statements, told apart by a phrase of each (see planbus/queries.py).
 STATEMENT_KINDS = {
-    "sweep": "WITH expired AS",
+    "sweep": "expired AS (",
     "claim": "WITH claimed AS",
     "next due": "min(run_after)",
     "complete": "WITH input AS",

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dashboard, first_step, limits, real_model, workloads
+from benchmarks import dashboard, first_step, fleet, limits, real_model, workloads
 from benchmarks.chart import w1_chart
 from benchmarks.harness import BenchError, LLMServer, Postgres, clean_directory, machine
 from benchmarks.workloads import FULL, QUICK, Bench
@@ -46,6 +46,8 @@ WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "first_step": first_step.time_to_first_step,
     "dashboard": dashboard.under_load,  # main() gives it --dashboard-seconds/-screenshot
     "real_model": real_model.real_model,
+    "fleet": fleet.fleet,
+    "fairness": fleet.fairness,
 }
 # Minutes of provider pacing: left out of `--quick` unless named with `--only`.
 NOT_QUICK = ("provider_limits",)
@@ -92,6 +94,36 @@ def limit_rows() -> list[Row]:
 
 
 LIMIT_ROWS = limit_rows()
+
+
+def fleet_rows() -> list[Row]:
+    """Per fleet size: claims and statements per request, pickup p50/p99 (issue 25)."""
+    rows = []
+    for n in (1, 8, 32):
+        size = ("fleet", f"workers_{n}")
+        claims_target = 1.5 if n == 8 else None
+        rows += [
+            Row(
+                f"Fleet, {n} workers: claim statements per request",
+                "",
+                (*size, "claims_per_request"),
+                None,
+                "<=" if claims_target else None,
+                claims_target,
+            ),
+            Row(
+                f"Fleet, {n} workers: all statements per request",
+                "",
+                (*size, "statements_per_request"),
+            ),
+            Row(f"Fleet, {n} workers: commit → claim, p50", "ms", (*size, "to_claim_ms", "p50")),
+            Row(f"Fleet, {n} workers: commit → claim, p99", "ms", (*size, "to_claim_ms", "p99")),
+            Row(f"Fleet, {n} workers: commit → LLM call, p99", "ms", (*size, "to_llm_ms", "p99")),
+        ]
+    return rows
+
+
+FLEET_ROWS = fleet_rows()
 
 
 ROWS = [
@@ -243,6 +275,15 @@ ROWS = [
         "Dashboard: worker's completions per second meanwhile",
         "req/s",
         ("dashboard", "finished", "completed_per_second"),
+    ),
+    *FLEET_ROWS,
+    Row(
+        "Fairness: 3 users behind one user's 20, slowest",
+        "s",
+        ("fairness", "others_done_after_seconds", "max"),
+        None,
+        "<=",
+        2.5,
     ),
 ]
 

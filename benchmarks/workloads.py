@@ -61,6 +61,12 @@ class Sizes:
     # Time to first step: requests one after another, each an 8-step plan at this pace.
     first_step_requests: int = 3
     first_step_tokens_per_second: float = 50.0
+    # The fleet: W1's stream against 1, 8 and 32 workers; fairness: 20 + 3 requests.
+    fleet_sizes: tuple[int, ...] = (1, 8, 32)
+    fleet_requests: int = 100
+    fleet_rate: float = 10.0
+    fairness_batch: int = 20
+    fairness_delay: float = 0.5
 
 
 FULL = Sizes()
@@ -83,6 +89,9 @@ QUICK = Sizes(
     limits_slot_requests=20,
     first_step_requests=1,
     first_step_tokens_per_second=200.0,
+    fleet_sizes=(1, 8),
+    fleet_requests=30,
+    fleet_rate=20.0,
 )
 
 
@@ -266,8 +275,9 @@ def slow_model(bench: Bench, *, fan_out: bool = False, baseline: bool = False) -
 
 # -- idle ----------------------------------------------------------------------------------
 
-# What one sweep does: the sweep statement, then the claim it wakes ("next due": the separate
-# statement that code before the claim learned the next retry's due time sent after it).
+# What one sweep does: the sweep statement (which also renews the worker's row in
+# planbus_workers), then the claim it wakes, only when a request is due ("next due": the
+# separate statement that code before the claim learned the next retry's due time sent).
 SWEEP_CYCLE = ("sweep", "claim", "next due")
 
 

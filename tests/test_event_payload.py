@@ -26,6 +26,7 @@ WORKER_GRANTS = [
     ("scheduled_reminders", "SELECT, INSERT, UPDATE"),
     ("alembic_version", "SELECT"),
     ("planbus_provider_limits", "SELECT, UPDATE"),
+    ("planbus_workers", "SELECT, INSERT, UPDATE, DELETE"),
 ]
 
 

@@ -398,3 +398,43 @@ async def test_burst_of_5000_requests_completes_each_exactly_once(
         f"{len(llm.calls)} LLM calls, {sum(per_lead.values())} reminders, "
         f"{len(completed_events)} events: none lost, none twice"
     )
+
+
+@pytest.mark.timeout(240)
+async def test_eight_workers_survive_a_kill_a_freeze_and_a_sigterm(
+    database: Database, llm: FakeLLM, fleet: Fleet, report: Callable[[str], None]
+) -> None:
+    # The fleet shares claiming by request id: a killed, a frozen and a stopping worker must
+    # cost their requests latency, never the request or a second set of effects.
+    llm.default = Reply(delay=0.3)
+    workers = [await fleet.start(*FAST_RECOVERY, within=60) for _ in range(8)]
+    numbers = range(1, 121)
+    leads = await insert_leads(database, numbers)
+    started = time.monotonic()
+    async with listening_events(database.url) as events:
+        ids = await request_plans(database, list(leads.values()))
+
+        async def calls() -> int:
+            return len(llm.calls)
+
+        await wait_until(calls, lambda n: n >= 20, 30, "twenty LLM calls")
+        killed, frozen, stopped = workers[0], workers[1], workers[2]
+        await killed.kill()
+        frozen.send(signal.SIGSTOP)
+        stopped.send(signal.SIGTERM)
+        assert await stopped.wait(within=30) == 0
+        rows = await database.wait_all(ids, within=120)
+        frozen.send(signal.SIGCONT)
+        await flush_events(database, events)
+    drained = time.monotonic() - started
+
+    assert [r["status"] for r in rows] == ["completed"] * len(ids)
+    per_lead = await reminders_per_lead(database, list(leads.values()))
+    assert per_lead == {r["lead_id"]: r["result"]["step_count"] for r in rows}
+    completed = Counter(e["id"] for e in events.received if e["status"] == "completed")
+    assert completed == Counter(dict.fromkeys(ids, 1))
+    retried = sum(1 for r in rows if r["attempts"] > 1)
+    report(
+        f"eight workers, one killed, one frozen, one stopped: {len(ids)} requests completed "
+        f"once each in {drained:.1f}s ({retried} after a recovery), {len(llm.calls)} LLM calls"
+    )

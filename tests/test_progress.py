@@ -19,6 +19,7 @@ import pytest
 from psycopg import errors, sql
 
 from planbus.bus import db, queries
+from planbus.bus.fleet import Fleet as WorkerFleet
 from planbus.bus.progress import ProgressWriter
 from planbus.llm.openai_stream import Progress
 from planbus.llm.plan import Lead, LeadId, Step
@@ -120,7 +121,14 @@ async def test_the_mini_app_may_not_set_progress(database: Database, widened: bo
         (queries.GIVE_BACK, {"status": "pending", "error": "x", "delay_seconds": 0.0}),
         (queries.GIVE_BACK, {"status": "failed", "error": "x", "delay_seconds": 0.0}),
         (queries.HAND_BACK, {}),
-        (queries.RECOVER_EXPIRED, {"max_attempts": 3, "lost_error": "x"}),
+        (
+            queries.RECOVER_EXPIRED,
+            {
+                "max_attempts": 3,
+                "lost_error": "x",
+                **WorkerFleet("test:1", None, 5.0).beat_params(1, 32, 32),  # type: ignore[arg-type]
+            },
+        ),
     ],
     ids=["retry", "failure", "hand-back", "sweep"],
 )

@@ -29,6 +29,7 @@ GRANT SELECT, UPDATE ON plan_requests, lead_registry TO {role};
 GRANT SELECT, INSERT, UPDATE ON scheduled_reminders TO {role};
 GRANT SELECT ON alembic_version TO {role};
 GRANT SELECT, UPDATE ON planbus_provider_limits TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON planbus_workers TO {role};
 GRANT EXECUTE ON FUNCTION public.planbus_request_event(bigint, bigint, bigint, text) TO {role};
 """
 

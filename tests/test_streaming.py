@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from planbus.errors import TransientError
+from planbus.llm.openai_body import MAX_TOKENS
 from planbus.llm.openai_planner import (
     EMPTY_STREAMS_IN_A_ROW,
     MAX_ANSWER_BYTES,
-    MAX_TOKENS,
     OpenAIPlanner,
     parse_plan,
 )

@@ -13,7 +13,7 @@ first with a sentence that says what a traceparent looks like. The row-level sec
 already shows a row, this column with it, to its own user only.
 
 Revision ID: 0012_traceparent
-Revises: 0010_provider_backoff
+Revises: 0011_fleet
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from planbus.schema.adoption import (
 from planbus.schema.privileges import privileges, record_privilege_changes, restore_privileges
 
 revision = "0012_traceparent"
-down_revision = "0010_provider_backoff"
+down_revision = "0011_fleet"
 branch_labels = None
 depends_on = None
 

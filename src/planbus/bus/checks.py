@@ -79,7 +79,9 @@ SELECT t.name,
                ('lead_registry', ARRAY['SELECT', 'UPDATE']),
                ('scheduled_reminders', ARRAY['SELECT', 'INSERT', 'UPDATE']),
                ('alembic_version', ARRAY['SELECT']),
-               ('planbus_provider_limits', ARRAY['SELECT', 'UPDATE'])) AS t (name, privileges)
+               ('planbus_provider_limits', ARRAY['SELECT', 'UPDATE']),
+               ('planbus_workers', ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']))
+           AS t (name, privileges)
   JOIN pg_class AS c ON c.oid = to_regclass('public.' || t.name)
   JOIN pg_roles AS r ON r.rolname = current_user
  ORDER BY t.name = 'plan_requests' DESC, t.name

@@ -268,6 +268,8 @@ async def listen_forever(
             ) as conn:
                 await listen(conn, queries.LISTEN_CHANNEL)
                 await listen(conn, queries.PROVIDER_CHANNEL)  # a peer's provider pause
+                await listen(conn, queries.CLAIMS_CHANNEL)  # what a peer's claim took
+                await listen(conn, queries.WORKERS_CHANNEL)  # a peer joined or left
                 state.connected = True
                 if state.started:
                     state.reconnects += 1

@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from planbus.bus import queries
 from planbus.bus.claim import Claim
+from planbus.bus.fleet import Fleet
 from planbus.bus.metrics import WorkerMetrics
 from planbus.errors import one_line
 from planbus.logs import request_fields
@@ -38,11 +39,15 @@ class Leases:
         pool: AsyncConnectionPool,
         held: dict[int, Claim],
         metrics: WorkerMetrics,
+        fleet: Fleet,
+        row: Callable[[], dict[str, Any]],
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.held = held
         self.metrics = metrics
+        self.fleet = fleet
+        self.row = row  # this worker's row in planbus_workers, renewed by heartbeat and sweep
 
     def write_deadline(self) -> float:
         """Until when a final write may keep retrying: about when the lease would lapse."""
@@ -58,7 +63,10 @@ class Leases:
             try:
                 still_held = set(
                     await self._fenced(
-                        queries.HEARTBEAT, held, lease_seconds=self.settings.lease_seconds
+                        queries.HEARTBEAT,
+                        held,
+                        lease_seconds=self.settings.lease_seconds,
+                        **self.row(),
                     )
                 )
             except psycopg.Error as exc:
@@ -72,23 +80,34 @@ class Leases:
                     claim.lost = True
                     claim.scope.cancel()
 
-    async def sweep_loop(self, after_sweep: Callable[[], None]) -> None:
-        """Every `sweep_seconds`, recover expired claims, then call `after_sweep()`."""
+    async def sweep_loop(self, after_sweep: Callable[[bool], None]) -> None:
+        """Every `sweep_seconds`, recover expired claims and renew this worker's row, then
+        call `after_sweep(due)`: whether a request is due (True when the sweep failed)."""
         while True:
             try:
-                await self._sweep()
+                due = await self._sweep()
             except psycopg.Error as exc:
                 log.warning("sweep failed (%s); will retry", one_line(exc))
-            after_sweep()
+                due = True
+            after_sweep(due)
             await anyio.sleep(self.settings.sweep_seconds)
 
-    async def _sweep(self) -> None:
+    async def _sweep(self) -> bool:
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 queries.RECOVER_EXPIRED,
-                {"max_attempts": self.settings.max_attempts, "lost_error": WORKER_LOST},
+                {
+                    "max_attempts": self.settings.max_attempts,
+                    "lost_error": WORKER_LOST,
+                    **self.row(),
+                },
             )
-            for request_id, lead_id, status, attempts, _ in await cursor.fetchall():
+            rows = await cursor.fetchall()
+        peers, due = rows[0][5], rows[0][6]
+        if not self.fleet.leaving:
+            self.fleet.set_peers(list(peers))
+        for request_id, lead_id, status, attempts, *_ in rows:
+            if request_id is not None:
                 log.warning(
                     "request %d recovered from an expired claim after attempt %d: now %s",
                     request_id,
@@ -97,6 +116,7 @@ class Leases:
                     extra=request_fields(request_id, lead_id, attempts, f"recovered_{status}"),
                 )
                 self.metrics.recovered(status)
+        return bool(due)
 
     async def hand_back(self) -> None:
         """Graceful stop: every claim still held goes back to `pending`, due at once."""

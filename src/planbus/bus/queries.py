@@ -11,6 +11,10 @@ from typing import LiteralString
 
 LISTEN_CHANNEL: LiteralString = "plan_requests"
 EVENTS_CHANNEL: LiteralString = "plan_request_events"
+# Between workers (bus/fleet.py): what a claim took, and a worker that joined or left. Both are
+# hints that save claims; neither carries authority (the tables stay the truth).
+CLAIMS_CHANNEL: LiteralString = "planbus_claims"
+WORKERS_CHANNEL: LiteralString = "planbus_workers"
 
 # Claim up to %(limit)s due requests in one statement, and load their leads with them.
 # ARRAY(...) evaluates the locking subquery exactly once; IN (subquery) may not.
@@ -26,6 +30,14 @@ EVENTS_CHANNEL: LiteralString = "plan_request_events"
 # attempt's spans when tracing is on (bus/tracing.py).
 # `waited_seconds` counts from when the request became due: its insert, or the end of a retry
 # delay, a hand-back or `planbus retry` (each sets run_after), never from a first attempt.
+# Fair turns: among the FAIR_WINDOW oldest due requests, a user's n-th is claimed after every
+# other user's earlier ones (row_number() per telegram_id), the user served least recently
+# (max(claimed_at): one probe of index planbus_plan_requests_served) first within a turn. The
+# window bounds the cost on a backlog (about 4 us a row; 0.1 ms with one due row). FOR UPDATE
+# cannot sit beside a window function: an ordered array of ids (WITH ORDINALITY keeps its
+# order) is joined back to the rows it locks. With peers (%(announce)s), the claim says what
+# it took on CLAIMS_CHANNEL: the others drop the fallback claims they planned (bus/fleet.py).
+FAIR_WINDOW = 100
 CLAIM: LiteralString = """
 WITH claimed AS (
     UPDATE plan_requests AS r
@@ -37,13 +49,38 @@ WITH claimed AS (
            lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
            updated_at       = now()
      WHERE r.id = ANY (ARRAY(
-               SELECT id FROM plan_requests
-                WHERE status = 'pending' AND run_after <= now()
-                ORDER BY run_after, id
+               SELECT p.id
+                 FROM unnest(ARRAY(
+                          WITH oldest AS MATERIALIZED (
+                              SELECT id, telegram_id, run_after FROM plan_requests
+                               WHERE status = 'pending' AND run_after <= now()
+                               ORDER BY run_after, id
+                               LIMIT %(fair_window)s)
+                          SELECT o.id
+                            FROM oldest AS o
+                            LEFT JOIN LATERAL (
+                                SELECT max(s.claimed_at) AS at FROM plan_requests AS s
+                                 WHERE s.telegram_id = o.telegram_id) AS served ON true
+                           ORDER BY row_number() OVER (PARTITION BY o.telegram_id
+                                                       ORDER BY o.run_after, o.id),
+                                    served.at NULLS FIRST, o.run_after, o.id
+                      )) WITH ORDINALITY AS fair (id, place)
+                 JOIN plan_requests AS p ON p.id = fair.id
+                -- Checked again on the row's newest version once it is locked.
+                WHERE p.status = 'pending' AND p.run_after <= now()
+                ORDER BY fair.place
                 LIMIT %(limit)s
-                  FOR UPDATE SKIP LOCKED))
+                  FOR UPDATE OF p SKIP LOCKED))
  RETURNING r.id, r.lead_id, r.telegram_id, r.attempts, r.throttled_claims, r.claim_token,
            r.created_at, r.run_after, r.claimed_at, r.traceparent
+), announced AS (
+    -- With peers listening, say what this claim took: `p` when it took every due row it
+    -- found (fewer than its limit), `f` when the limit stopped it; then who, and the ids.
+    SELECT pg_notify('planbus_claims',
+                     CASE WHEN count(*) >= %(limit)s THEN 'f ' ELSE 'p ' END
+                     || %(worker_id)s::text || coalesce(' ' || string_agg(id::text, ','), ''))
+      FROM claimed
+    HAVING %(announce)s::boolean
 ), next_due AS (
     SELECT extract(epoch FROM min(run_after) - now())::float8 AS seconds
       FROM plan_requests
@@ -59,12 +96,21 @@ SELECT n.seconds AS next_due_seconds,
        l.closing_strategy, l.original_context, l.web_research
   FROM next_due AS n
  CROSS JOIN set_config('synchronous_commit', 'off', true) AS async_commit
+  LEFT JOIN announced ON true
   LEFT JOIN (claimed AS c LEFT JOIN lead_registry AS l ON l.id = c.lead_id) ON true
  ORDER BY c.id
 """
 
-# One statement extends every claim this process holds; it returns the ids still held.
+# One statement extends every claim this process holds; it returns the ids still held. The
+# same statement renews this worker's row in planbus_workers (what it holds now), so a busy
+# worker's row costs no statement of its own; an UPDATE, not an upsert: a worker that has left
+# (stopping) stays gone.
 HEARTBEAT: LiteralString = """
+WITH worker AS (
+    UPDATE planbus_workers
+       SET heartbeat_at = now(), inflight = %(inflight)s, llm_limit = %(llm_limit)s
+     WHERE worker_id = %(worker_id)s::text
+)
 UPDATE plan_requests AS r
    SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS held (id, claim_token)
@@ -170,8 +216,21 @@ RETURNING r.id
 # `pending`, or to `failed` once their attempts are spent (claims the provider throttled
 # spend none). Rows from an older deployment that are `processing` without any lease count
 # as expired.
+# It is also the idle worker's heartbeat in planbus_workers (WORKER_BEAT's upsert, so a worker
+# frozen past the forget time registers again), and it returns the live workers and whether
+# any request is due: a due request nobody claimed (its notification lost, its designated
+# claimer dead) is then claimed; with none due the sweep claims nothing. It always returns at
+# least one row: with nothing recovered, a row whose request columns are NULL.
 RECOVER_EXPIRED: LiteralString = """
-WITH expired AS (
+WITH beat AS (
+    INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, version)
+    SELECT %(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s, %(version)s::text
+     WHERE %(registered)s::boolean
+        ON CONFLICT (worker_id) DO UPDATE
+       SET heartbeat_at = now(), inflight = excluded.inflight,
+           concurrency = excluded.concurrency, llm_limit = excluded.llm_limit
+    RETURNING worker_id
+), expired AS (
     SELECT id, attempts - throttled_claims >= %(max_attempts)s AS spent FROM plan_requests
      WHERE status = 'processing' AND (lease_expires_at IS NULL OR lease_expires_at < now())
        FOR UPDATE SKIP LOCKED
@@ -195,10 +254,50 @@ WITH expired AS (
      WHERE r.id = expired.id
  RETURNING r.id, r.lead_id, r.telegram_id, r.status, r.attempts
 )
-SELECT id, lead_id, status, attempts,
-       CASE WHEN status = 'failed'
-            THEN public.planbus_request_event(id, lead_id, telegram_id, status) END
-  FROM recovered
+SELECT rec.id, rec.lead_id, rec.status, rec.attempts,
+       CASE WHEN rec.status = 'failed'
+            THEN public.planbus_request_event(rec.id, rec.lead_id, rec.telegram_id, rec.status)
+       END,
+       ARRAY(SELECT worker_id FROM planbus_workers
+              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
+             UNION SELECT worker_id FROM beat ORDER BY 1) AS peers,
+       EXISTS (SELECT 1 FROM plan_requests WHERE status = 'pending' AND run_after <= now())
+           AS due
+  FROM (SELECT) AS one
+  LEFT JOIN recovered AS rec ON true
+"""
+
+# -- the fleet (bus/fleet.py) -----------------------------------------------------------------
+
+# A worker registers (and, when told a peer joined or left, renews) its row and reads the live
+# workers: those whose heartbeat is within %(live_seconds)s. Rows of workers dead for longer
+# than %(forget_seconds)s are deleted by whoever beats. %(announce)s: tell the peers (at start).
+WORKER_BEAT: LiteralString = """
+WITH beat AS (
+    INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, version)
+    VALUES (%(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s, %(version)s::text)
+        ON CONFLICT (worker_id) DO UPDATE
+       SET heartbeat_at = now(), inflight = excluded.inflight,
+           concurrency = excluded.concurrency, llm_limit = excluded.llm_limit
+    RETURNING worker_id
+), forgotten AS (
+    DELETE FROM planbus_workers
+     WHERE heartbeat_at < now() - make_interval(secs => %(forget_seconds)s)
+)
+SELECT ARRAY(SELECT worker_id FROM planbus_workers
+              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
+             UNION SELECT worker_id FROM beat ORDER BY 1),
+       CASE WHEN %(announce)s::boolean
+            THEN pg_notify('planbus_workers', %(worker_id)s::text) END
+"""
+
+# A graceful stop: the worker leaves the fleet at once and says so, so that no request is meant
+# for it while it drains.
+WORKER_LEAVE: LiteralString = """
+WITH gone AS (
+    DELETE FROM planbus_workers WHERE worker_id = %(worker_id)s::text
+)
+SELECT pg_notify('planbus_workers', %(worker_id)s::text)
 """
 
 # -- progress --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from planbus.bus import effects, queries
 from planbus.bus.claim import Claim
 from planbus.bus.db import ListenerState, connect_for_claims, listen_forever
 from planbus.bus.effects import Outcome
+from planbus.bus.fleet import Fleet
 from planbus.bus.leases import Leases
 from planbus.bus.metrics import PaceCollector, TokenCounters, WorkerMetrics
 from planbus.bus.outcomes import report_outcome
@@ -53,13 +54,24 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._event = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
+        self._until = math.inf
 
     def set(self) -> None:
         self._event.set()
 
-    async def wait(self, seconds: float) -> None:
-        with anyio.move_on_after(seconds):
+    def by(self, moment: float) -> None:
+        # The current wait ends at `moment` (never past its timeout), the waiter left asleep:
+        # a fallback claim planned or dropped costs no task switch.
+        if self._scope is not None:
+            self._scope.deadline = min(self._until, moment)
+
+    async def wait(self, seconds: float, moment: float = math.inf) -> None:
+        with anyio.move_on_after(seconds) as self._scope:
+            self._until = self._scope.deadline
+            self.by(moment)
             await self._event.wait()
+        self._scope = None
         # Reset before the caller claims: a wake-up arriving after this is not lost, because
         # the claim that follows sees every row committed before that notification.
         self._event = anyio.Event()
@@ -88,8 +100,9 @@ class Worker:
         self.inflight: dict[int, Claim] = {}
         # Half the pool writes effects, so heartbeats, the sweep and retries never queue for long.
         self.completions = effects.Completions(pool, writers=max(1, settings.pool_size // 2))
-        self.leases = Leases(settings, pool, self.inflight, self.metrics)
         self.limits = ProviderLimits(settings, pool)
+        self.fleet = Fleet(worker_id, pool, settings.sweep_seconds)
+        self.leases = Leases(settings, pool, self.inflight, self.metrics, self.fleet, self._beat)
         self.metrics.registry.register(PaceCollector(self.limits.pace))
         self.metrics.registry.register(HeldBackCollector(self.limits, lambda: len(self.inflight)))
         self.limits.tokens = TokenCounters(self.metrics.registry)
@@ -117,11 +130,13 @@ class Worker:
             if self._stopping:
                 background.cancel_scope.cancel()
                 return
+            await self.fleet.start(self._beat())
+            background.start_soon(self.fleet.refresh_loop, self._beat)
             await background.start(self.completions.run)
             await background.start(self.progress.run)
             background.start_soon(self.leases.heartbeat_loop)
             # The sweep also catches pending rows that no notification announced.
-            background.start_soon(self.leases.sweep_loop, self._on_notify)
+            background.start_soon(self.leases.sweep_loop, self._after_sweep)
             log.info(
                 "listening on channel %s (worker %s, planner %s, concurrency %d)",
                 queries.LISTEN_CHANNEL,
@@ -135,6 +150,7 @@ class Worker:
                     await self._claim_loop(requests)
                 finally:
                     await self._drop_claims_connection()
+                await self.fleet.leave()  # nothing new is meant for this worker while it drains
                 await self._drain(requests)
             await self.leases.hand_back()
             background.cancel_scope.cancel()
@@ -166,6 +182,8 @@ class Worker:
         backoff = Backoff(base=0.05, cap=2.0)
         while not self._stopping:
             self.limits.shed_queued(time.monotonic())
+            if self.fleet.fallback_due(time.monotonic()):
+                self._maybe_more = True  # a request's designated claimer did not take it
             free = self.limits.allowed(len(self.inflight), time.monotonic())
             if free > 0 and self._due():
                 try:
@@ -184,8 +202,9 @@ class Worker:
                     # HTTP client sends from a task of its own, so without this pause a batch
                     # of n claims sends nothing until all n requests are built.
                     await anyio.lowlevel.checkpoint()
+                self._claimed(claims)  # its log line and metrics: after the requests left
                 continue
-            await self._wakeup.wait(self._idle_timeout())
+            await self._wakeup.wait(self._idle_timeout(), self._next_fallback())
 
     def _idle_timeout(self) -> float:
         # With every slot busy only a finished request, a call presumed hung (see
@@ -199,6 +218,14 @@ class Worker:
             return waiting
         due = 0.0 if self._maybe_more else self._next_due - now
         return min(max(0.0, self.limits.wait(now), due), waiting)
+
+    def _next_fallback(self) -> float:
+        """When a planned fallback claim is due (monotonic); never while every slot is busy."""
+        if self.limits.slots(len(self.inflight)) <= 0:
+            return math.inf
+        return max(
+            self.fleet.next_fallback(), time.monotonic() + self.limits.wait(time.monotonic())
+        )
 
     def _due(self) -> bool:
         return self._maybe_more or time.monotonic() >= self._next_due
@@ -219,18 +246,22 @@ class Worker:
             return []
         cursor = conn.cursor(row_factory=dict_row)
         claimed_from = self.tracing.clock()
+        sent = time.monotonic()
         await cursor.execute(
             queries.CLAIM,
             {
                 "worker_id": self.worker_id,
                 "lease_seconds": self.settings.lease_seconds,
                 "limit": granted,
+                "fair_window": queries.FAIR_WINDOW,
+                "announce": self.fleet.announce,
             },
         )
         rows = await cursor.fetchall()
         seconds = rows[0]["next_due_seconds"] if rows else None
         self._next_due = math.inf if seconds is None else time.monotonic() + max(seconds, 0.0)
         claims = [Claim.from_row(row) for row in rows if row["id"] is not None]
+        self.fleet.claimed_here([c.id for c in claims], len(claims) < granted, sent)
         if len(claims) == granted:
             self._maybe_more = True
         await self.limits.refund(conn, granted - len(claims))
@@ -239,6 +270,11 @@ class Worker:
                 claim.id, claim.lead_id, claim.attempt, claim.traceparent, claimed_from
             )
             self.limits.started(claim, time.monotonic())
+        return claims
+
+    def _claimed(self, claims: list[Claim]) -> None:
+        """Log and count claims whose requests are already on their way to the model."""
+        for claim in claims:
             log.info(
                 "request %d lead %d claimed (attempt %d, waited %.1f ms)",
                 claim.id,
@@ -250,7 +286,6 @@ class Worker:
                 ),
             )
             self.metrics.claimed(claim.attempt, claim.waited_seconds)
-        return claims
 
     async def _grant(self, conn: psycopg.AsyncConnection[Any], wanted: int) -> int:
         """How many calls the provider's limits allow now (all `wanted` when none applies)."""
@@ -271,12 +306,31 @@ class Worker:
                 await conn.close()
 
     def _on_notify(self, notify: psycopg.Notify | None = None) -> None:
-        if notify is not None and notify.channel == queries.PROVIDER_CHANNEL:
-            # No authority in a notification (any role may send one): read the row instead.
-            self.limits.stale = True
-            return
+        if notify is not None:
+            if notify.channel == queries.PROVIDER_CHANNEL:
+                # No authority in a notification (any role may send one): read the row instead.
+                self.limits.stale = True
+                return
+            if notify.channel == queries.CLAIMS_CHANNEL:
+                self.fleet.claimed_elsewhere(notify.payload)
+                self._wakeup.by(self._next_fallback())  # a dropped fallback wakes no one
+                return
+            if notify.channel == queries.WORKERS_CHANNEL:
+                self.fleet.peer_changed(notify.payload)
+                return
+            if not self.fleet.heard(notify.payload, time.monotonic()):
+                self._wakeup.by(self._next_fallback())  # another worker claims it (or we do)
+                return
         self._maybe_more = True
         self._wakeup.set()
+
+    def _after_sweep(self, due: bool) -> None:
+        if due:  # a due request after a sweep: its notification was lost, or its claimer gone
+            self._on_notify()
+
+    def _beat(self) -> dict[str, Any]:  # this worker's row in planbus_workers
+        limit = self.limits.pace.current_limit
+        return self.fleet.beat_params(len(self.inflight), self.settings.concurrency, limit)
 
     async def _on_connect(self, reconnected: bool) -> None:
         # After any gap in LISTEN, catch up on rows whose notification we may have missed.
