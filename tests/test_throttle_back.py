@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from planbus.bus import queries
+from planbus.bus import provider_queries
 from planbus.bus.claim import Claim
 from planbus.bus.effects import give_back
 from planbus.errors import MAX_ERROR_CHARS
@@ -46,7 +46,9 @@ def params(request_id: int, token: uuid.UUID) -> dict[str, Any]:
 
 async def test_a_claim_taken_over_does_not_pause_every_worker(database: Database) -> None:
     request_id = await claimed(database, uuid.uuid4())
-    stale = await database.conn.execute(queries.THROTTLE_BACK, params(request_id, uuid.uuid4()))
+    stale = await database.conn.execute(
+        provider_queries.THROTTLE_BACK, params(request_id, uuid.uuid4())
+    )
     assert await stale.fetchall() == []
     assert not await database.value(
         "SELECT coalesce(paused_until > now(), false) FROM planbus_provider_limits"
@@ -56,7 +58,7 @@ async def test_a_claim_taken_over_does_not_pause_every_worker(database: Database
 async def test_a_throttled_claim_pauses_and_clears_its_progress(database: Database) -> None:
     token = uuid.uuid4()
     request_id = await claimed(database, token)
-    cursor = await database.conn.execute(queries.THROTTLE_BACK, params(request_id, token))
+    cursor = await database.conn.execute(provider_queries.THROTTLE_BACK, params(request_id, token))
     assert [row[0] for row in await cursor.fetchall()] == ["pending"]
     assert await database.value("SELECT paused_until > now() FROM planbus_provider_limits")
     row = await database.request(request_id)

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.abc import RV, PQGen
 from psycopg_pool import AsyncConnectionPool
 
-from planbus.bus import checks, queries
+from planbus.bus import checks, provider_queries, queries
 from planbus.bus.retry import Backoff
 from planbus.errors import ConfigurationError, one_line
 
@@ -267,7 +267,7 @@ async def listen_forever(
                 keepalives_count=3,
             ) as conn:
                 await listen(conn, queries.LISTEN_CHANNEL)
-                await listen(conn, queries.PROVIDER_CHANNEL)  # a peer's provider pause
+                await listen(conn, provider_queries.PROVIDER_CHANNEL)  # a peer's provider pause
                 await listen(conn, queries.CLAIMS_CHANNEL)  # what a peer's claim took
                 await listen(conn, queries.WORKERS_CHANNEL)  # a peer joined or left
                 state.connected = True

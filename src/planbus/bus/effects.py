@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from psycopg_pool import AsyncConnectionPool
 
-from planbus.bus import queries
+from planbus.bus import provider_queries, queries
 from planbus.bus.claim import Claim
 from planbus.bus.retry import Backoff
 from planbus.errors import INVALID_OUTPUT, TransientError, bounded, one_line
@@ -234,7 +234,7 @@ async def throttle_back(
         "pause_seconds": pause_seconds,
         "refusals": refusals,
     }
-    rows = await _fenced_write(pool, queries.THROTTLE_BACK, params, deadline)
+    rows = await _fenced_write(pool, provider_queries.THROTTLE_BACK, params, deadline)
     status: Outcome = rows[0][0] if rows else "lost"
     return status
 

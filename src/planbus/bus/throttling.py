@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
-from planbus.bus import effects, queries
+from planbus.bus import effects, provider_queries
 from planbus.bus.claim import Claim
 from planbus.bus.effects import Outcome
 from planbus.bus.metrics import TokenCounters
@@ -218,7 +218,7 @@ class ProviderLimits:
         if self.per_second is None:
             return wanted
         cursor = await conn.execute(
-            queries.RESERVE_CALLS,
+            provider_queries.RESERVE_CALLS,
             {"burst": self.burst, "per_second": self.per_second, "wanted": wanted},
         )
         row = await cursor.fetchone()
@@ -230,7 +230,9 @@ class ProviderLimits:
     async def refund(self, conn: psycopg.AsyncConnection[Any], unused: int) -> None:
         """Give back to the ceiling the calls granted for requests that were not there."""
         if self.per_second is not None and unused > 0:
-            await conn.execute(queries.REFUND_CALLS, {"burst": self.burst, "calls": unused})
+            await conn.execute(
+                provider_queries.REFUND_CALLS, {"burst": self.burst, "calls": unused}
+            )
 
     def started(self, claim: Claim, now: float) -> None:
         """`claim`'s call to the provider starts now."""
@@ -247,11 +249,11 @@ class ProviderLimits:
         """Before a claim: end the shared backoff after an answer, read the shared pause."""
         if self._reset_refusals:
             self._reset_refusals = False
-            await conn.execute(queries.RESET_REFUSALS)
+            await conn.execute(provider_queries.RESET_REFUSALS)
         if self.stale:
             # Cleared first: a notification arriving during the read asks for another one.
             self.stale = False
-            cursor = await conn.execute(queries.PAUSE_LEFT)
+            cursor = await conn.execute(provider_queries.PAUSE_LEFT)
             row = await cursor.fetchone()
             if row:
                 self.learn(float(row[0] or 0.0), int(row[1] or 0))

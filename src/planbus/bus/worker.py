@@ -21,23 +21,23 @@ from anyio.abc import TaskGroup, TaskStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from planbus.bus import effects, queries
+from planbus.bus import effects, provider_queries, queries
 from planbus.bus.claim import Claim
 from planbus.bus.db import ListenerState, connect_for_claims, listen_forever
-from planbus.bus.effects import Outcome
+from planbus.bus.finish import Finisher
 from planbus.bus.fleet import Fleet
 from planbus.bus.leases import Leases
 from planbus.bus.metrics import PaceCollector, TokenCounters, WorkerMetrics
 from planbus.bus.outcomes import report_outcome
 from planbus.bus.progress import ProgressWriter
-from planbus.bus.retry import Backoff, RetryDecision, decide, jittered
+from planbus.bus.retry import Backoff
 from planbus.bus.throttling import HeldBackCollector, ProviderLimits
 from planbus.bus.tracing import NO_TRACING, Tracing
+from planbus.bus.wakeup import Wakeup
 from planbus.errors import (
     ConfigurationError,
     PermanentError,
     PlanningError,
-    Throttled,
     TransientError,
     one_line,
 )
@@ -47,34 +47,6 @@ from planbus.logs import request_fields
 from planbus.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class Wakeup:
-    """A resettable event: `set()` from anywhere, `wait()` until set or timed out."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-        self._scope: anyio.CancelScope | None = None
-        self._until = math.inf
-
-    def set(self) -> None:
-        self._event.set()
-
-    def by(self, moment: float) -> None:
-        # The current wait ends at `moment` (never past its timeout), the waiter left asleep:
-        # a fallback claim planned or dropped costs no task switch.
-        if self._scope is not None:
-            self._scope.deadline = min(self._until, moment)
-
-    async def wait(self, seconds: float, moment: float = math.inf) -> None:
-        with anyio.move_on_after(seconds) as self._scope:
-            self._until = self._scope.deadline
-            self.by(moment)
-            await self._event.wait()
-        self._scope = None
-        # Reset before the caller claims: a wake-up arriving after this is not lost, because
-        # the claim that follows sees every row committed before that notification.
-        self._event = anyio.Event()
 
 
 class Worker:
@@ -107,6 +79,9 @@ class Worker:
         self.metrics.registry.register(HeldBackCollector(self.limits, lambda: len(self.inflight)))
         self.limits.tokens = TokenCounters(self.metrics.registry)
         self.progress = ProgressWriter(pool, settings.progress_interval_seconds)
+        self.finisher = Finisher(
+            settings, pool, self.completions, self.limits, self.leases.write_deadline
+        )
         self._wakeup = Wakeup()
         self._maybe_more = True  # False once a claim found fewer due rows than free slots
         self._next_due = math.inf  # monotonic time the earliest backed-off request is due
@@ -307,7 +282,7 @@ class Worker:
 
     def _on_notify(self, notify: psycopg.Notify | None = None) -> None:
         if notify is not None:
-            if notify.channel == queries.PROVIDER_CHANNEL:
+            if notify.channel == provider_queries.PROVIDER_CHANNEL:
                 # No authority in a notification (any role may send one): read the row instead.
                 self.limits.stale = True
                 return
@@ -374,7 +349,7 @@ class Worker:
             return
         claim.writing = True
         with anyio.CancelScope(shield=True):
-            outcome, error, retry = await self._finish(claim, plan, error)
+            outcome, error, retry = await self.finisher.finish(claim, plan, error)
         claim.trace.finished(outcome, error)
         self._release(claim)
         report_outcome(claim, outcome, error, retry, self.metrics)
@@ -387,56 +362,6 @@ class Worker:
         self._wakeup.set()
         if self._stopping and not self.inflight:
             self._idle.set()
-
-    def _decide(self, claim: Claim, error: PlanningError) -> RetryDecision:
-        if isinstance(error, Throttled):  # flow control: patience, not attempts, ends it
-            return RetryDecision(final=False, delay=self.limits.return_delay(claim, error))
-        if error.kind == effects.STORE_FAILED:  # the database's fault never fails a request
-            delay = jittered(
-                claim.spent_attempts,
-                base=self.settings.retry_base_seconds,
-                cap=self.settings.retry_max_seconds,
-            )
-            return RetryDecision(final=False, delay=delay)
-        return decide(
-            error,
-            claim.spent_attempts,
-            max_attempts=self.settings.max_attempts,
-            base=self.settings.retry_base_seconds,
-            cap=self.settings.retry_max_seconds,
-        )
-
-    async def _finish(
-        self, claim: Claim, plan: Any, error: PlanningError | None
-    ) -> tuple[Outcome, PlanningError | None, RetryDecision | None]:
-        """Store the plan, or give the request back for a retry or fail it; what happened."""
-        deadline = self.leases.write_deadline()
-        retry = None
-        try:
-            if error is None:
-                try:
-                    return await self.completions.complete(claim, plan, deadline), None, None
-                except PlanningError as exc:  # the plan cannot be stored: invalid output
-                    error = exc
-                except psycopg.Error as exc:  # the database's, retried until the deadline
-                    error, deadline = effects.store_failed(claim, exc), time.monotonic()
-            retry = self._decide(claim, error)
-            if isinstance(error, Throttled):
-                outcome = await self.limits.throttle_back(claim, error, retry.delay, deadline)
-                return outcome, error, retry
-            outcome = await effects.give_back(
-                self.pool,
-                claim,
-                error=error.message,
-                final=retry.final,
-                delay_seconds=retry.delay,
-                deadline=deadline,
-            )
-            return outcome, error, retry
-        except psycopg.Error as exc:
-            # The claim stays `processing`; its lease lapses and the sweep hands it on.
-            log.error("request %d: could not record its outcome (%s)", claim.id, one_line(exc))
-            return "lost", error, retry
 
     # -- shutdown ------------------------------------------------------------------------
 
