@@ -151,9 +151,14 @@ async def test_one_users_batch_does_not_hold_back_other_users(
 
 def fleet_of(names: list[str]) -> list[WorkerFleet]:
     fleets = [WorkerFleet(name, None, 5.0) for name in names]  # type: ignore[arg-type]
-    for fleet in fleets:
-        fleet.set_peers(names)
+    pids = [PID + n for n in range(len(names))]  # each one's claim connection
+    for fleet, pid in zip(fleets, pids, strict=True):
+        fleet.claim_pid = pid
+        fleet.set_peers(names, pids)
     return fleets
+
+
+PID = 1000  # host:1's claim connection; host:2's is PID + 1
 
 
 @pytest.mark.anyio
@@ -171,12 +176,23 @@ async def test_each_request_has_exactly_one_designated_claimer() -> None:
 async def test_a_peers_claim_drops_the_fallbacks_its_own_does_not() -> None:
     mine, _ = fleet_of(["host:1", "host:2"])
     assert not mine.heard("1", now=0.0)  # id 1 is host:2's
-    mine.claimed_elsewhere("p host:1")  # this worker's own announcement
+    mine.claimed_elsewhere("p host:1", PID)  # this worker's own announcement
     assert mine.fallback_due(now=1.0)
     assert not mine.heard("3", now=0.0)
-    mine.claimed_elsewhere("f host:2 3,4")  # the limit stopped it, but it took 3
+    mine.claimed_elsewhere("f host:2 3,4", PID + 1)  # the limit stopped it, but it took 3
     assert not mine.fallback_due(now=1.0)
     assert not mine.heard("5", now=0.0)
-    mine.claimed_elsewhere("p host:2")  # it took every due request it found
+    mine.claimed_elsewhere("p host:2", PID + 1)  # it took every due request it found
     assert mine.next_fallback() == float("inf")
-    mine.claimed_elsewhere("nonsense")  # ignored
+    mine.claimed_elsewhere("nonsense", PID + 1)  # ignored
+
+
+@pytest.mark.anyio
+async def test_a_claim_announcement_from_any_other_session_is_ignored() -> None:
+    # Any role that may connect can NOTIFY planbus_claims: only a live peer's claim connection
+    # (its backend pid, from planbus_workers) may drop a fallback this worker owes a request.
+    mine, _ = fleet_of(["host:1", "host:2"])
+    assert not mine.heard("1", now=0.0)  # id 1 is host:2's; host:1 falls back to it
+    mine.claimed_elsewhere("p host:2", 4242)  # forged: names the peer, another backend
+    mine.claimed_elsewhere("f host:2 1", 4242)
+    assert mine.fallback_due(now=1.0)  # still owed

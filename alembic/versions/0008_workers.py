@@ -31,6 +31,7 @@ CREATE TABLE {TABLE} (
     concurrency  integer NOT NULL DEFAULT 0 CHECK (concurrency >= 0),
     llm_limit    integer,  -- the adaptive limit on this worker's LLM calls in flight
     held_back    text,     -- why it claims nothing now (a pause, the limit), null when it may
+    claim_pid    integer,  -- the backend of its claim connection: its claim announcements' sender
     version      text
 );
 CREATE INDEX {TABLE}_heartbeat ON {TABLE} (heartbeat_at);

@@ -7,8 +7,12 @@ worker ids claims at once; the worker k places after it claims only after k fall
 only if no claim announced meanwhile (`planbus_claims`, sent by the claim statement itself) took
 the request or found nothing more to take. So a healthy fleet spends about one claim per request,
 and a designated claimer that is dead, frozen or full costs its request one step of latency, not
-the request. A notification carries no authority: a forged one can at worst cost a claim, or
-leave a request to the next claim or the sweep (latency, never work).
+the request. A notification carries no authority: a claim announcement counts only when its
+sender is the claim connection of a live worker (its backend pid, which each worker writes in
+its row: `Notify.pid` cannot be forged by another session); any other NOTIFY on these channels
+can at worst cost a claim statement, never a request's latency. Through a transaction pooler the
+claim connection's pid is the pooler's, so announcements stop counting and each request costs a
+claim per place instead: more statements, never later work.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class Fleet:
         self.pool = pool
         self.live_seconds = LIVE_SWEEPS * sweep_seconds
         self.peers: list[str] = [worker_id]
-        self._place = 0
+        self.claim_pids: frozenset[int] = frozenset()  # live peers' claim connections
+        self.claim_pid: int | None = None  # this worker's, once connected
         # request id -> (monotonic time heard, monotonic time to claim anyway)
         self._fallbacks: dict[int, tuple[float, float]] = {}
         self._refresh = anyio.Event()
@@ -60,8 +65,10 @@ class Fleet:
         """Whether claims are announced: only when someone else listens for them."""
         return len(self.peers) > 1
 
-    def set_peers(self, peers: list[str] | None) -> None:
-        """The live workers' ids, as the database listed them (this worker always among them)."""
+    def set_peers(self, peers: list[str] | None, claim_pids: list[int] | None = None) -> None:
+        """The live workers' ids, as the database listed them (this worker always among them),
+        and the backends of their claim connections."""
+        self.claim_pids = frozenset(claim_pids or ())
         found = sorted({*(peers or ()), self.worker_id})
         if found != self.peers:
             log.info("fleet: %d live workers", len(found))
@@ -85,10 +92,13 @@ class Fleet:
         self._fallbacks.setdefault(request_id, (now, now + rank * FALLBACK_STEP))
         return False
 
-    def claimed_elsewhere(self, payload: str) -> None:
+    def claimed_elsewhere(self, payload: str, sender: int) -> None:
         """A peer's claim: `p worker ids` (it took every due request it found) or `f worker
-        ids` (its limit stopped it). This worker's own claims were counted when they returned:
-        its own `p` must not drop a fallback heard after that claim's snapshot."""
+        ids` (its limit stopped it), sent by backend `sender`. This worker's own claims were
+        counted when they returned: its own `p` must not drop a fallback heard after that
+        claim's snapshot. Anyone may NOTIFY: only a live peer's claim connection counts."""
+        if sender not in self.claim_pids or sender == self.claim_pid:
+            return
         kind, worker, ids = [*payload.split(" ", 2), "", ""][:3]
         if worker == self.worker_id:
             return
@@ -125,13 +135,17 @@ class Fleet:
 
     # -- the table -----------------------------------------------------------------------
 
-    def beat_params(self, inflight: int, concurrency: int, llm_limit: int) -> dict[str, Any]:
+    def beat_params(
+        self, inflight: int, concurrency: int, llm_limit: int, held_back: str | None = None
+    ) -> dict[str, Any]:
         """What this worker's row says (the heartbeat's and the sweep's parameters)."""
         return {
             "worker_id": self.worker_id,
             "inflight": inflight,
             "concurrency": concurrency,
             "llm_limit": llm_limit,
+            "held_back": held_back,
+            "claim_pid": self.claim_pid,
             "version": __version__,
             "live_seconds": self.live_seconds,
             "registered": not self.leaving,
@@ -145,7 +159,7 @@ class Fleet:
                 {**params, "forget_seconds": FORGET_SECONDS, "announce": announce},
             )
             row = await cursor.fetchone()
-        self.set_peers(list(row[0]) if row else None)
+        self.set_peers(list(row[0]), list(row[1])) if row else self.set_peers(None)
 
     async def start(self, params: dict[str, Any]) -> None:
         """Join at start; on a database error the sweep registers it later (alone until then)."""

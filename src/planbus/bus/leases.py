@@ -103,9 +103,9 @@ class Leases:
                 },
             )
             rows = await cursor.fetchall()
-        peers, due = rows[0][5], rows[0][6]
+        peers, claim_pids, due = rows[0][5], rows[0][6], rows[0][7]
         if not self.fleet.leaving:
-            self.fleet.set_peers(list(peers))
+            self.fleet.set_peers(list(peers), list(claim_pids))
         for request_id, lead_id, status, attempts, *_ in rows:
             if request_id is not None:
                 log.warning(

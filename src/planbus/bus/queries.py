@@ -108,7 +108,8 @@ SELECT n.seconds AS next_due_seconds,
 HEARTBEAT: LiteralString = """
 WITH worker AS (
     UPDATE planbus_workers
-       SET heartbeat_at = now(), inflight = %(inflight)s, llm_limit = %(llm_limit)s
+       SET heartbeat_at = now(), inflight = %(inflight)s, llm_limit = %(llm_limit)s,
+           held_back = %(held_back)s::text
      WHERE worker_id = %(worker_id)s::text
 )
 UPDATE plan_requests AS r
@@ -223,13 +224,16 @@ RETURNING r.id
 # least one row: with nothing recovered, a row whose request columns are NULL.
 RECOVER_EXPIRED: LiteralString = """
 WITH beat AS (
-    INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, version)
-    SELECT %(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s, %(version)s::text
+    INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, held_back,
+                                      claim_pid, version)
+    SELECT %(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s,
+           %(held_back)s::text, %(claim_pid)s::integer, %(version)s::text
      WHERE %(registered)s::boolean
         ON CONFLICT (worker_id) DO UPDATE
        SET heartbeat_at = now(), inflight = excluded.inflight,
-           concurrency = excluded.concurrency, llm_limit = excluded.llm_limit
-    RETURNING worker_id
+           concurrency = excluded.concurrency, llm_limit = excluded.llm_limit,
+           held_back = excluded.held_back, claim_pid = excluded.claim_pid
+    RETURNING worker_id, claim_pid
 ), expired AS (
     SELECT id, attempts - throttled_claims >= %(max_attempts)s AS spent FROM plan_requests
      WHERE status = 'processing' AND (lease_expires_at IS NULL OR lease_expires_at < now())
@@ -261,6 +265,10 @@ SELECT rec.id, rec.lead_id, rec.status, rec.attempts,
        ARRAY(SELECT worker_id FROM planbus_workers
               WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
              UNION SELECT worker_id FROM beat ORDER BY 1) AS peers,
+       ARRAY(SELECT claim_pid FROM planbus_workers
+              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
+                AND claim_pid IS NOT NULL
+             UNION SELECT claim_pid FROM beat WHERE claim_pid IS NOT NULL) AS claim_pids,
        EXISTS (SELECT 1 FROM plan_requests WHERE status = 'pending' AND run_after <= now())
            AS due
   FROM (SELECT) AS one
@@ -270,16 +278,21 @@ SELECT rec.id, rec.lead_id, rec.status, rec.attempts,
 # -- the fleet (bus/fleet.py) -----------------------------------------------------------------
 
 # A worker registers (and, when told a peer joined or left, renews) its row and reads the live
-# workers: those whose heartbeat is within %(live_seconds)s. Rows of workers dead for longer
-# than %(forget_seconds)s are deleted by whoever beats. %(announce)s: tell the peers (at start).
+# workers: those whose heartbeat is within %(live_seconds)s, and the backends of their claim
+# connections (the only senders whose claim announcements count, see bus/fleet.py). Rows of
+# workers dead for longer than %(forget_seconds)s are deleted by whoever beats. %(announce)s:
+# tell the peers (at start, and when its claim connection is new).
 WORKER_BEAT: LiteralString = """
 WITH beat AS (
-    INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, version)
-    VALUES (%(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s, %(version)s::text)
+    INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, held_back,
+                                      claim_pid, version)
+    VALUES (%(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s,
+            %(held_back)s::text, %(claim_pid)s::integer, %(version)s::text)
         ON CONFLICT (worker_id) DO UPDATE
        SET heartbeat_at = now(), inflight = excluded.inflight,
-           concurrency = excluded.concurrency, llm_limit = excluded.llm_limit
-    RETURNING worker_id
+           concurrency = excluded.concurrency, llm_limit = excluded.llm_limit,
+           held_back = excluded.held_back, claim_pid = excluded.claim_pid
+    RETURNING worker_id, claim_pid
 ), forgotten AS (
     DELETE FROM planbus_workers
      WHERE heartbeat_at < now() - make_interval(secs => %(forget_seconds)s)
@@ -287,6 +300,10 @@ WITH beat AS (
 SELECT ARRAY(SELECT worker_id FROM planbus_workers
               WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
              UNION SELECT worker_id FROM beat ORDER BY 1),
+       ARRAY(SELECT claim_pid FROM planbus_workers
+              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
+                AND claim_pid IS NOT NULL
+             UNION SELECT claim_pid FROM beat WHERE claim_pid IS NOT NULL),
        CASE WHEN %(announce)s::boolean
             THEN pg_notify('planbus_workers', %(worker_id)s::text) END
 """

@@ -213,6 +213,7 @@ class Worker:
             await self._drop_claims_connection()
             self._renew_claims_conn = False
             conn = self._claims_conn = await connect_for_claims(self.pool)
+            await self._announce_claim_connection(conn)
         granted = await self._grant(conn, limit)
         if self._stopping:  # stopped while connecting or granted: a row inserted since stays
             await self.limits.refund(conn, granted)
@@ -274,6 +275,14 @@ class Worker:
             self._maybe_more = True  # the ceiling, not the queue, held the claim back
         return granted
 
+    async def _announce_claim_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Write the new claim connection's backend in this worker's row and tell the peers:
+        its claim announcements count only once they know it (bus/fleet.py)."""
+        self.fleet.claim_pid = conn.info.backend_pid
+        if not self.fleet.leaving:
+            with anyio.CancelScope(shield=True):  # a stop must not leave the row half-told
+                await self.fleet.start(self._beat())
+
     async def _drop_claims_connection(self) -> None:
         conn, self._claims_conn = self._claims_conn, None
         if conn is not None:
@@ -287,7 +296,7 @@ class Worker:
                 self.limits.stale = True
                 return
             if notify.channel == queries.CLAIMS_CHANNEL:
-                self.fleet.claimed_elsewhere(notify.payload)
+                self.fleet.claimed_elsewhere(notify.payload, notify.pid)
                 self._wakeup.by(self._next_fallback())  # a dropped fallback wakes no one
                 return
             if notify.channel == queries.WORKERS_CHANNEL:
@@ -305,7 +314,10 @@ class Worker:
 
     def _beat(self) -> dict[str, Any]:  # this worker's row in planbus_workers
         limit = self.limits.pace.current_limit
-        return self.fleet.beat_params(len(self.inflight), self.settings.concurrency, limit)
+        held_back = self.limits.held_back(len(self.inflight), time.monotonic())
+        return self.fleet.beat_params(
+            len(self.inflight), self.settings.concurrency, limit, held_back
+        )
 
     async def _on_connect(self, reconnected: bool) -> None:
         # After any gap in LISTEN, catch up on rows whose notification we may have missed.
