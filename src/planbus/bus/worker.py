@@ -276,12 +276,13 @@ class Worker:
         return granted
 
     async def _announce_claim_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Write the new claim connection's backend in this worker's row and tell the peers:
-        its claim announcements count only once they know it (bus/fleet.py)."""
+        """Note the new claim connection's backend for this worker's row: its claim
+        announcements count only once the peers know it (bus/fleet.py). With peers, write it
+        and tell them now; alone, the next sweep writes it (no statement on a lone worker's
+        first claim)."""
         self.fleet.claim_pid = conn.info.backend_pid
-        if not self.fleet.leaving:
-            with anyio.CancelScope(shield=True):  # a stop must not leave the row half-told
-                await self.fleet.start(self._beat())
+        if self.fleet.announce and not self.fleet.leaving:
+            await self.fleet.start(self._beat())
 
     async def _drop_claims_connection(self) -> None:
         conn, self._claims_conn = self._claims_conn, None
