@@ -50,7 +50,8 @@ WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "fairness": fleet.fairness,
 }
 # Minutes of provider pacing: left out of `--quick` unless named with `--only`.
-NOT_QUICK = ("provider_limits",)
+# fleet starts 1, 8 and 32 workers, dashboard holds its pages for a while: minutes again.
+NOT_QUICK = ("provider_limits", "fleet", "dashboard")
 # A real model on this machine's CPU (and, the first time, a 15-minute build): `--only` only.
 ONLY_WHEN_NAMED = ("real_model",)
 

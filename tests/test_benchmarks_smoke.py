@@ -44,6 +44,7 @@ def test_quick_benchmark_prints_the_table_and_writes_the_json(tmp_path: Path) ->
         "idle",
         "recovery",
         "first_step",
+        "fairness",
     }
     # Correctness, not speed: every effect written, no false takeover.
     assert ran["w2_template"]["effects"]["completed"] == ran["w2_template"]["requests"]

@@ -23,7 +23,14 @@ async def claim_all(url: str, limit: int) -> list[Claim]:
     async with db.make_pool(url, 1) as pool, pool.connection() as conn:
         cursor = conn.cursor(row_factory=dict_row)
         await cursor.execute(
-            queries.CLAIM, {"worker_id": "test:1", "lease_seconds": 30, "limit": limit}
+            queries.CLAIM,
+            {
+                "worker_id": "test:1",
+                "lease_seconds": 30,
+                "limit": limit,
+                "fair_window": queries.FAIR_WINDOW,
+                "announce": False,
+            },
         )
         return [Claim.from_row(row) for row in await cursor.fetchall()]
 
