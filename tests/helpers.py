@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import psycopg
+import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -214,3 +215,13 @@ async def acting_as(
                 "SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),)
             )
         yield conn
+
+
+def figures_reporter(capsys: pytest.CaptureFixture[str], label: str) -> Callable[[str], None]:
+    """Print a scenario's line of figures past pytest's capture, tagged `[label]`."""
+
+    def emit(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n[{label}] {line}", flush=True)
+
+    return emit

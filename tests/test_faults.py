@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from tests.conftest import TestServer
-from tests.helpers import Database, Events, listening_events, wait_until
+from tests.helpers import Database, Events, figures_reporter, listening_events, wait_until
 from tests.llm_server import FakeLLM, Reply
 from tests.processes import Fleet
 
@@ -51,12 +51,7 @@ async def fleet(database_url: str, tmp_path: Path, llm: FakeLLM) -> AsyncIterato
 @pytest.fixture
 def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
     """Print a scenario's line of figures past pytest's capture."""
-
-    def emit(line: str) -> None:
-        with capsys.disabled():
-            print(f"\n[faults] {line}", flush=True)
-
-    return emit
+    return figures_reporter(capsys, "faults")
 
 
 def lead_name(number: int) -> str:

@@ -17,7 +17,7 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.helpers import Database, eventually, running_worker
+from tests.helpers import Database, eventually, figures_reporter, running_worker
 from tests.llm_server import FakeLLM, Reply
 from tests.pgbouncer import PgBouncer
 from tests.processes import Fleet, WorkerProcess
@@ -37,12 +37,7 @@ def llm() -> Iterator[FakeLLM]:
 @pytest.fixture
 def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
     """Print a scenario's line of figures past pytest's capture."""
-
-    def emit(line: str) -> None:
-        with capsys.disabled():
-            print(f"\n[poolers] {line}", flush=True)
-
-    return emit
+    return figures_reporter(capsys, "poolers")
 
 
 async def test_work_through_a_transaction_pooler_completes_each_request_once(

@@ -24,7 +24,7 @@ from planbus.llm.openai_errors import (
     throttle_wait_seconds,
 )
 from planbus.ops import cli
-from tests.helpers import Database, eventually, running_worker
+from tests.helpers import Database, eventually, figures_reporter, running_worker
 from tests.llm_server import FakeLLM, Limits, Reply
 from tests.processes import Fleet
 from tests.test_security import ALICE, tma_insert
@@ -303,12 +303,7 @@ async def test_status_shows_the_pause_the_throttled_requests_and_the_last_hours_
 @pytest.fixture
 def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
     """Print a scenario's figures past pytest's capture."""
-
-    def emit(line: str) -> None:
-        with capsys.disabled():
-            print(f"\n[provider limits] {line}", flush=True)
-
-    return emit
+    return figures_reporter(capsys, "provider limits")
 
 
 async def burst(database: Database, count: int) -> list[int]:

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from planbus.llm.plan import Lead
 from planbus.llm.planner import template_steps
 from planbus.ops import cli
-from tests.helpers import Database, eventually, running_worker
+from tests.helpers import Database, eventually, figures_reporter, running_worker
 from tests.llm_server import FakeLLM, Limits, Reply
 from tests.processes import Fleet
 from tests.test_provider_limits import API_KEY, RATE_LIMIT_BODY, burst
@@ -35,12 +35,7 @@ OVERLOADED_BODY = {"error": {"message": "Overloaded", "type": "overloaded_error"
 @pytest.fixture
 def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
     """Print a scenario's figures past pytest's capture."""
-
-    def emit(line: str) -> None:
-        with capsys.disabled():
-            print(f"\n[misbehaving provider] {line}", flush=True)
-
-    return emit
+    return figures_reporter(capsys, "misbehaving provider")
 
 
 @pytest.fixture
