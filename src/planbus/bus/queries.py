@@ -213,17 +213,10 @@ UPDATE plan_requests AS r
 RETURNING r.id
 """
 
-# The fallback sweep: claims whose lease ran out (their worker died or froze) go back to
-# `pending`, or to `failed` once their attempts are spent (claims the provider throttled
-# spend none). Rows from an older deployment that are `processing` without any lease count
-# as expired.
-# It is also the idle worker's heartbeat in planbus_workers (WORKER_BEAT's upsert, so a worker
-# frozen past the forget time registers again), and it returns the live workers and whether
-# any request is due: a due request nobody claimed (its notification lost, its designated
-# claimer dead) is then claimed; with none due the sweep claims nothing. It always returns at
-# least one row: with nothing recovered, a row whose request columns are NULL.
-RECOVER_EXPIRED: LiteralString = """
-WITH beat AS (
+# The worker's row in planbus_workers, written by the sweep (RECOVER_EXPIRED) and WORKER_BEAT as
+# the CTE `beat`: registered or renewed unless it is leaving (%(registered)s), with what it
+# holds, its adaptive limit, why it is held back, and its claim connection's backend.
+WORKER_ROW: LiteralString = """
     INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, held_back,
                                       claim_pid, version)
     SELECT %(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s,
@@ -233,7 +226,34 @@ WITH beat AS (
        SET heartbeat_at = now(), inflight = excluded.inflight,
            concurrency = excluded.concurrency, llm_limit = excluded.llm_limit,
            held_back = excluded.held_back, claim_pid = excluded.claim_pid
-    RETURNING worker_id, claim_pid
+    RETURNING worker_id, claim_pid"""
+
+# The live workers (heartbeat within %(live_seconds)s, this one included through `beat`): their
+# ids in order, and the backends of their claim connections, the only senders whose claim
+# announcements count (bus/fleet.py).
+LIVE_PEERS: LiteralString = """
+       ARRAY(SELECT worker_id FROM planbus_workers
+              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
+             UNION SELECT worker_id FROM beat ORDER BY 1) AS peers,
+       ARRAY(SELECT claim_pid FROM planbus_workers
+              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
+                AND claim_pid IS NOT NULL
+             UNION SELECT claim_pid FROM beat WHERE claim_pid IS NOT NULL) AS claim_pids"""
+
+# The fallback sweep: claims whose lease ran out (their worker died or froze) go back to
+# `pending`, or to `failed` once their attempts are spent (claims the provider throttled
+# spend none). Rows from an older deployment that are `processing` without any lease count
+# as expired.
+# It is also the idle worker's heartbeat in planbus_workers (WORKER_BEAT's upsert, so a worker
+# frozen past the forget time registers again), and it returns the live workers and whether
+# any request is due: a due request nobody claimed (its notification lost, its designated
+# claimer dead) is then claimed; with none due the sweep claims nothing. It always returns at
+# least one row: with nothing recovered, a row whose request columns are NULL.
+RECOVER_EXPIRED: LiteralString = (
+    """
+WITH beat AS ("""
+    + WORKER_ROW
+    + """
 ), expired AS (
     SELECT id, attempts - throttled_claims >= %(max_attempts)s AS spent FROM plan_requests
      WHERE status = 'processing' AND (lease_expires_at IS NULL OR lease_expires_at < now())
@@ -261,19 +281,15 @@ WITH beat AS (
 SELECT rec.id, rec.lead_id, rec.status, rec.attempts,
        CASE WHEN rec.status = 'failed'
             THEN public.planbus_request_event(rec.id, rec.lead_id, rec.telegram_id, rec.status)
-       END,
-       ARRAY(SELECT worker_id FROM planbus_workers
-              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
-             UNION SELECT worker_id FROM beat ORDER BY 1) AS peers,
-       ARRAY(SELECT claim_pid FROM planbus_workers
-              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
-                AND claim_pid IS NOT NULL
-             UNION SELECT claim_pid FROM beat WHERE claim_pid IS NOT NULL) AS claim_pids,
+       END,"""
+    + LIVE_PEERS
+    + """,
        EXISTS (SELECT 1 FROM plan_requests WHERE status = 'pending' AND run_after <= now())
            AS due
   FROM (SELECT) AS one
   LEFT JOIN recovered AS rec ON true
 """
+)
 
 # -- the fleet (bus/fleet.py) -----------------------------------------------------------------
 
@@ -282,31 +298,22 @@ SELECT rec.id, rec.lead_id, rec.status, rec.attempts,
 # connections (the only senders whose claim announcements count, see bus/fleet.py). Rows of
 # workers dead for longer than %(forget_seconds)s are deleted by whoever beats. %(announce)s:
 # tell the peers (at start, and when its claim connection is new).
-WORKER_BEAT: LiteralString = """
-WITH beat AS (
-    INSERT INTO planbus_workers AS w (worker_id, inflight, concurrency, llm_limit, held_back,
-                                      claim_pid, version)
-    VALUES (%(worker_id)s::text, %(inflight)s, %(concurrency)s, %(llm_limit)s,
-            %(held_back)s::text, %(claim_pid)s::integer, %(version)s::text)
-        ON CONFLICT (worker_id) DO UPDATE
-       SET heartbeat_at = now(), inflight = excluded.inflight,
-           concurrency = excluded.concurrency, llm_limit = excluded.llm_limit,
-           held_back = excluded.held_back, claim_pid = excluded.claim_pid
-    RETURNING worker_id, claim_pid
+WORKER_BEAT: LiteralString = (
+    """
+WITH beat AS ("""
+    + WORKER_ROW
+    + """
 ), forgotten AS (
     DELETE FROM planbus_workers
      WHERE heartbeat_at < now() - make_interval(secs => %(forget_seconds)s)
 )
-SELECT ARRAY(SELECT worker_id FROM planbus_workers
-              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
-             UNION SELECT worker_id FROM beat ORDER BY 1),
-       ARRAY(SELECT claim_pid FROM planbus_workers
-              WHERE heartbeat_at >= now() - make_interval(secs => %(live_seconds)s)
-                AND claim_pid IS NOT NULL
-             UNION SELECT claim_pid FROM beat WHERE claim_pid IS NOT NULL),
+SELECT"""
+    + LIVE_PEERS
+    + """,
        CASE WHEN %(announce)s::boolean
             THEN pg_notify('planbus_workers', %(worker_id)s::text) END
 """
+)
 
 # A graceful stop: the worker leaves the fleet at once and says so, so that no request is meant
 # for it while it drains.
