@@ -24,8 +24,9 @@ import psycopg
 from openai import OpenAI
 from psycopg.types.json import Jsonb
 
-from planbus.llm.plan import Lead, LeadId, Plan, plan_json_schema, validate_plan
+from planbus.llm.plan import Lead, LeadId, Plan, validate_plan
 from planbus.llm.prompt import load_prompt, user_message
+from planbus.llm.schema import plan_json_schema
 
 READY_LINE = "baseline worker polling"
 SCHEMA_FORMAT: Any = {"name": "engagement_plan", "strict": True, "schema": plan_json_schema()}

@@ -15,7 +15,7 @@ import pytest
 from planbus.errors import ConfigurationError, TransientError
 from planbus.llm.openai_errors import retry_after_seconds
 from planbus.llm.openai_planner import KEYLESS, OpenAIPlanner, parse_plan
-from planbus.llm.plan import ActionType, InvalidPlan, Lead, LeadId, plan_json_schema, validate_plan
+from planbus.llm.plan import ActionType, InvalidPlan, Lead, LeadId, validate_plan
 from planbus.llm.planner import TemplatePlanner, make_planner, template_steps
 from planbus.llm.prompt import (
     CUT_MARK,
@@ -24,6 +24,7 @@ from planbus.llm.prompt import (
     load_prompt,
     user_message,
 )
+from planbus.llm.schema import plan_json_schema, positional_plan_json_schema
 from planbus.settings import load_settings
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
@@ -350,7 +351,11 @@ async def test_request_carries_the_leads_fields_and_the_plan_schema(
     assert call.body["messages"][0] == {"role": "system", "content": load_prompt()}
     assert call.body["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "engagement_plan", "strict": True, "schema": plan_json_schema()},
+        "json_schema": {
+            "name": "engagement_plan",
+            "strict": True,
+            "schema": positional_plan_json_schema(),
+        },
     }
     assert call.headers["authorization"] == f"Bearer {API_KEY}"
 
@@ -412,8 +417,9 @@ async def test_json_schema_rejection_falls_back_to_json_mode_once(
             "type": "invalid_request_error",
         }
     }
-    # Refused as sent, then refused without text lengths too: JSON mode from then on.
-    llm.script(Reply(status=400, body=refusal), Reply(status=400, body=refusal))
+    # Refused as sent (positional), as the item schema and without text lengths too: JSON mode
+    # from then on.
+    llm.script(*[Reply(status=400, body=refusal)] * 3)
     lead = await database.insert_lead()
     async with openai_worker(database):
         first = await database.wait_for(await database.insert_request(lead))
@@ -422,9 +428,9 @@ async def test_json_schema_rejection_falls_back_to_json_mode_once(
     assert first["status"] == second["status"] == "completed"
     assert first["attempts"] == 1
     formats = [call.body["response_format"] for call in llm.calls]
-    assert [f["type"] for f in formats] == ["json_schema"] * 2 + ["json_object"] * 2
+    assert [f["type"] for f in formats] == ["json_schema"] * 3 + ["json_object"] * 2
     # JSON mode carries the schema in the prompt instead.
-    assert json.dumps(plan_json_schema()) in llm.calls[2].body["messages"][0]["content"]
+    assert json.dumps(plan_json_schema()) in llm.calls[3].body["messages"][0]["content"]
     warnings = [r for r in caplog.records if "JSON mode" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING

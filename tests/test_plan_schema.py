@@ -22,10 +22,10 @@ from planbus.llm.plan import (
     InvalidPlan,
     Lead,
     LeadId,
-    plan_json_schema,
     validate_plan,
 )
 from planbus.llm.planner import template_steps
+from planbus.llm.schema import plan_json_schema, positional_plan_json_schema
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
 
@@ -45,6 +45,10 @@ KEYWORDS = {
     "maximum",
     "minLength",
     "maxLength",
+    "prefixItems",
+    "const",
+    "$ref",
+    "$defs",
 }
 TYPES = {
     "object": dict,
@@ -55,10 +59,15 @@ TYPES = {
 }
 
 
-def conforms(schema: dict[str, Any], value: Any) -> bool:
+def conforms(schema: dict[str, Any], value: Any, root: dict[str, Any] | None = None) -> bool:
     """Does `value` match `schema`? Only the keywords in KEYWORDS, as JSON Schema defines them."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        return conforms(root["$defs"][schema["$ref"].removeprefix("#/$defs/")], value, root)
     if "anyOf" in schema:
-        return any(conforms(branch, value) for branch in schema["anyOf"])
+        return any(conforms(branch, value, root) for branch in schema["anyOf"])
+    if "const" in schema:
+        return type(value) is type(schema["const"]) and bool(value == schema["const"])
     kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
     kind = next((k for k in kinds if isinstance(value, TYPES[k])), None)
     if kind is None or isinstance(value, bool):
@@ -68,11 +77,12 @@ def conforms(schema: dict[str, Any], value: Any) -> bool:
     if kind == "object":
         properties = schema["properties"]
         return set(value) == set(properties) and all(
-            conforms(properties[name], item) for name, item in value.items()
+            conforms(properties[name], item, root) for name, item in value.items()
         )
     if kind == "array":
         sized = schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value))
-        return sized and all(conforms(schema["items"], item) for item in value)
+        items = schema.get("prefixItems") or [schema["items"]] * len(value)
+        return sized and all(conforms(s, item, root) for s, item in zip(items, value, strict=False))
     if kind == "string":
         return bool(schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)))
     if kind == "integer":
@@ -117,13 +127,30 @@ async def one_request(database: Database, **overrides: Any) -> dict[str, Any]:
 # -- the schema --------------------------------------------------------------------------------
 
 
+BOTH = [plan_json_schema(), positional_plan_json_schema()]
+
+
 @pytest.mark.anyio
-async def test_the_schema_sent_bounds_counts_ranges_texts_and_each_kind_of_step(
+async def test_the_first_schema_sent_is_the_positional_one(
     database: Database, llm: FakeLLM
 ) -> None:
     assert (await one_request(database))["status"] == "completed"
     schema = llm.calls[0].body["response_format"]["json_schema"]["schema"]
-    steps = schema["properties"]["steps"]
+    assert schema == positional_plan_json_schema()
+    # Step k can only carry step_id k, and step 1 is for today: rules a single item can't say.
+    assert not conforms(schema, plan(s1_step_id=3))
+    assert not conforms(schema, plan(s0_step_id=2, s1_step_id=3, s2_step_id=4))
+    assert not conforms(schema, plan(s0_delay_days=1))
+    steps = plan()["steps"]
+    for length in range(1, MAX_STEPS + 1):
+        numbered = [step | {"step_id": k} for k, step in enumerate(steps * 2, start=1)]
+        assert conforms(schema, {"steps": numbered[:length]})
+    assert not conforms(schema, {"steps": []})
+    assert not conforms(schema, {"steps": [s | {"step_id": k} for k, s in enumerate(steps * 2, 1)]})
+
+
+def test_the_item_schema_bounds_counts_ranges_texts_and_each_kind_of_step() -> None:
+    steps = plan_json_schema()["properties"]["steps"]
     assert (steps["minItems"], steps["maxItems"]) == (1, MAX_STEPS)
     kinds = {
         action: branch["properties"]
@@ -143,9 +170,14 @@ async def test_the_schema_sent_bounds_counts_ranges_texts_and_each_kind_of_step(
     assert kinds["email_outreach"]["suggested_text"]["maxLength"] <= 600
 
 
-@pytest.mark.parametrize("text_lengths", [True, False])
-def test_the_schema_keeps_to_strict_mode_and_to_what_a_grammar_reads(text_lengths: bool) -> None:
-    schema = plan_json_schema(text_lengths)
+@pytest.mark.parametrize(
+    "schema",
+    [plan_json_schema(), plan_json_schema(False), positional_plan_json_schema()],
+    ids=["items", "items without lengths", "positional"],
+)
+def test_the_schema_keeps_to_strict_mode_and_to_what_a_grammar_reads(
+    schema: dict[str, Any],
+) -> None:
     assert "anyOf" not in schema  # OpenAI: the root is an object
     for node in walk(schema):
         if "type" in node or "anyOf" in node:
@@ -155,8 +187,12 @@ def test_the_schema_keeps_to_strict_mode_and_to_what_a_grammar_reads(text_length
             assert node["additionalProperties"] is False
             assert node["required"] == list(node["properties"])
             assert "anyOf" not in node
+        if "prefixItems" in node:
+            # llama.cpp reads a tuple as exactly its items; a validator needs the bounds.
+            assert node["minItems"] == node["maxItems"] == len(node["prefixItems"])
+            assert "items" not in node  # llama.cpp would read `items` and drop the tuple
     lengths = [n for n in walk(schema) if "maxLength" in n or "minLength" in n]
-    assert bool(lengths) is text_lengths
+    assert bool(lengths) is (schema != plan_json_schema(False))
 
 
 @pytest.mark.parametrize(
@@ -176,10 +212,13 @@ def test_the_schema_keeps_to_strict_mode_and_to_what_a_grammar_reads(text_length
         {"s0_completed_at": "2024-05-01T00:00:00Z"},
     ],
 )
-def test_what_the_schema_can_say_it_refuses_and_so_does_validation(broken: dict[str, Any]) -> None:
-    assert conforms(plan_json_schema(), plan())
+@pytest.mark.parametrize("schema", BOTH, ids=["items", "positional"])
+def test_what_the_schema_can_say_it_refuses_and_so_does_validation(
+    broken: dict[str, Any], schema: dict[str, Any]
+) -> None:
+    assert conforms(schema, plan())
     data = plan(**broken)
-    assert not conforms(plan_json_schema(), data)
+    assert not conforms(schema, data)
     if broken != {"s0_description": "x" * 2000}:  # long is bounded for the model, not a rule
         with pytest.raises(InvalidPlan):
             validate_plan(data)
@@ -192,18 +231,18 @@ def test_the_step_count_is_bounded_by_the_schema() -> None:
 
 
 @pytest.mark.parametrize(
-    "unsayable",
+    ("unsayable", "schemas"),
     [
-        {"s3_delay_days": 1},  # delays decrease: 0, 2, 4, 1, ...
-        {"s1_step_id": 3},  # ids skip: 1, 3, 3, ...
-        {"s0_description": "   "},  # blank
+        ({"s3_delay_days": 1}, BOTH),  # delays decrease: 0, 2, 4, 1, ...
+        ({"s1_step_id": 3}, BOTH[:1]),  # ids skip: 1, 3, 3, ... (the positional one says it)
+        ({"s0_description": "   "}, BOTH),  # blank
     ],
 )
 def test_a_plan_that_fits_the_schema_but_breaks_a_rule_is_still_rejected(
-    unsayable: dict[str, Any],
+    unsayable: dict[str, Any], schemas: list[dict[str, Any]]
 ) -> None:
     data = plan(**unsayable)
-    assert conforms(plan_json_schema(), data)
+    assert all(conforms(schema, data) for schema in schemas)
     with pytest.raises(InvalidPlan):
         validate_plan(data)
 
@@ -234,7 +273,7 @@ OPENAI_REFUSES_LENGTHS = {
 async def test_a_server_that_refuses_text_lengths_gets_the_schema_without_them_from_then_on(
     database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    llm.script(Reply(status=400, body=OPENAI_REFUSES_LENGTHS))
+    llm.script(*[Reply(status=400, body=OPENAI_REFUSES_LENGTHS)] * 2)
     lead = await database.insert_lead()
     async with running_worker(database.url, planner="openai"):
         first = await database.wait_for(await database.insert_request(lead))
@@ -243,7 +282,9 @@ async def test_a_server_that_refuses_text_lengths_gets_the_schema_without_them_f
     assert first["status"] == second["status"] == "completed"
     assert first["attempts"] == 1
     schemas = [call.body["response_format"]["json_schema"]["schema"] for call in llm.calls]
-    assert schemas == [plan_json_schema(), plan_json_schema(False), plan_json_schema(False)]
+    # The positional schema has text lengths too: refused, then the item schema, then none.
+    llm_schemas = [positional_plan_json_schema(), plan_json_schema(), plan_json_schema(False)]
+    assert schemas == [*llm_schemas, plan_json_schema(False)]
     warnings = [r for r in caplog.records if "without text lengths" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING

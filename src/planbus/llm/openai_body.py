@@ -20,6 +20,8 @@ MAX_TOKENS = 4_000
 # Ask for the answer as server-sent events, usage in the last one; a server that answers with
 # plain JSON instead (as the tests' and benchmarks' instant servers do) is read as before.
 STREAM: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+# No spaces after separators: the positional schema is most of a body (see llm/schema.py).
+COMPACT = (",", ":")
 # Stands for the user message in a body encoded in advance.
 USER_SLOT = "\x00planbus user message\x00"
 
@@ -49,7 +51,7 @@ class BodyTemplates:
                 "response_format": response_format,
                 "max_tokens": MAX_TOKENS,
             }
-            whole = json.dumps(body | STREAM if stream else body).encode()
+            whole = json.dumps(body | STREAM if stream else body, separators=COMPACT).encode()
             head, tail = whole.split(json.dumps(USER_SLOT).encode())
             parts = self._parts[key] = (head, tail, response_format)
         return parts[0] + json.dumps(user).encode() + parts[1]

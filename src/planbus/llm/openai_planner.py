@@ -32,14 +32,9 @@ from planbus.llm.openai_stream import (
     read_body,
     read_stream,
 )
-from planbus.llm.plan import (
-    InvalidPlan,
-    Lead,
-    Plan,
-    plan_json_schema,
-    validate_plan,
-)
+from planbus.llm.plan import InvalidPlan, Lead, Plan, validate_plan
 from planbus.llm.prompt import load_prompt, user_message
+from planbus.llm.schema import plan_json_schema, positional_plan_json_schema
 
 if TYPE_CHECKING:
     from openai.types.chat.completion_create_params import ResponseFormat
@@ -106,11 +101,19 @@ class OpenAIPlanner:
             f"{self._system_prompt}\nAnswer with one JSON object that matches this JSON "
             f"Schema:\n{json.dumps(schema)}\n"
         )
-        # The bounded schema first; a server that refuses it (some refuse `maxLength`) gets
-        # the same schema without text lengths, and one that refuses that, JSON mode.
-        self._schema_formats: list[ResponseFormat] = [
-            {"type": "json_schema", "json_schema": {"name": NAME, "strict": True, "schema": s}}
-            for s in (schema, plan_json_schema(text_lengths=False))
+        # The positional schema first; a server that refuses it (`prefixItems`, `const`) gets
+        # the item schema, one that refuses that (some refuse `maxLength`) the item schema
+        # without text lengths, and one that refuses that, JSON mode. See `llm/schema.py`.
+        self._schema_formats: list[tuple[str, ResponseFormat]] = [
+            (
+                what,
+                {"type": "json_schema", "json_schema": {"name": NAME, "strict": True, "schema": s}},
+            )
+            for what, s in (
+                ("the positional schema", positional_plan_json_schema()),
+                ("the item schema", schema),
+                ("the item schema without text lengths", plan_json_schema(text_lengths=False)),
+            )
         ]
         self._streaming_supported = True
         self._empty_streams = 0
@@ -129,7 +132,7 @@ class OpenAIPlanner:
     async def _ask(self, lead: Lead, on_progress: ProgressCallback | None) -> str:
         user = user_message(lead)
         while self._schema_formats:
-            response_format = self._schema_formats[0]
+            response_format = self._schema_formats[0][1]
             try:
                 return await self._complete(self._system_prompt, user, response_format, on_progress)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
@@ -230,15 +233,16 @@ class OpenAIPlanner:
 
     def _fall_back(self, refused: ResponseFormat, exc: openai.APIStatusError) -> None:
         """Drop a refused schema (once, however many calls saw it refused)."""
-        if refused not in self._schema_formats:
+        kept = [entry for entry in self._schema_formats if entry[1] is not refused]
+        if len(kept) == len(self._schema_formats):
             return
-        self._schema_formats.remove(refused)
+        self._schema_formats = kept
         log.warning(
             "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); %s",
             exc.status_code,
             server_detail(exc, self._secret) or "no details",
-            "sending the schema without text lengths from now on"
-            if self._schema_formats
+            f"sending {kept[0][0]} from now on"
+            if kept
             else "using JSON mode plus validation from now on",
         )
 

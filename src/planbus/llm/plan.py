@@ -6,7 +6,7 @@ import math
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, NewType, get_args
+from typing import Any, Literal, NewType
 
 from pydantic import (
     BaseModel,
@@ -39,13 +39,6 @@ MAX_STEPS = 10
 MAX_CONNECT_TEXT = 200
 MAX_DELAY_DAYS = 90
 MAX_DRAFT_TEXT = 500
-# Lengths the JSON schema asks for, though no rule needs them: a grammar-bound model must end
-# its texts, and a small one otherwise rambles for thousands of tokens. A description is a
-# sentence or two, a timing a few words ("Day 0", "Week 2"), a suggested message a short note;
-# a longer text from a server without a grammar is still valid (reminders cut drafts to 500).
-SCHEMA_DESCRIPTION = 300
-SCHEMA_SUGGESTED_TEXT = 600
-SCHEMA_TIMING = 40
 # How deep a field of the model's own may nest: a plan is stored as JSON in jsonb, and a
 # 256-level value breaks its serialization (it once took the worker down).
 MAX_EXTRA_DEPTH = 8
@@ -244,77 +237,6 @@ def describe_validation_error(exc: ValidationError) -> str:
     elif first["type"] == "model_type":
         message = "expected a JSON object"
     return f"{where}: {message}"
-
-
-def plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
-    """The strict JSON schema sent as `response_format`, derived from the same rules.
-
-    It bounds the answer wherever a server's grammar can hold a rule (llama.cpp's
-    json-schema-to-grammar, vLLM's and OpenAI's structured outputs): 1..10 steps, `step_id`
-    1..10, `delay_days` 0..90, the eight action types, bounded texts, and one branch per kind
-    of step so that a `linkedin_comment` can only carry `suggested_text: null` and a
-    `linkedin_connect` text at most 200 characters. A small model's answer then ends and
-    keeps these rules by construction. What a schema cannot say (ids 1..N in order, delays
-    never decreasing, a description that is not blank) is left to `validate_plan`, which
-    checks every rule again whatever the server did. `text_lengths=False` leaves out
-    `minLength`/`maxLength`, for a server that refuses them.
-    """
-    branches = [
-        _step_schema(["linkedin_comment"], {"type": "null"}, text_lengths),
-        _step_schema(["linkedin_connect"], _text(MAX_CONNECT_TEXT, text_lengths), text_lengths),
-        _step_schema(
-            [a for a in get_args(ActionType) if a not in ("linkedin_comment", "linkedin_connect")],
-            _text(SCHEMA_SUGGESTED_TEXT, text_lengths),
-            text_lengths,
-        ),
-    ]
-    return {
-        "type": "object",
-        "properties": {
-            "steps": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": MAX_STEPS,
-                "items": {"anyOf": branches},
-            }
-        },
-        "required": ["steps"],
-        "additionalProperties": False,
-    }
-
-
-def _step_schema(
-    action_types: list[str], suggested_text: dict[str, Any], text_lengths: bool
-) -> dict[str, Any]:
-    """One kind of step: the same eight fields, in the order the model is to write them."""
-    description: dict[str, Any] = {"type": "string"}
-    timing: dict[str, Any] = {"type": "string"}
-    if text_lengths:
-        description |= {"minLength": 1, "maxLength": SCHEMA_DESCRIPTION}
-        timing |= {"maxLength": SCHEMA_TIMING}
-    properties: dict[str, Any] = {
-        "step_id": {"type": "integer", "minimum": 1, "maximum": MAX_STEPS},
-        "action_type": {"type": "string", "enum": action_types},
-        "description": description,
-        "suggested_text": suggested_text,
-        "timing": timing,
-        "delay_days": {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_DAYS},
-        "status": {"type": "string", "enum": ["pending"]},
-        "completed_at": {"type": "null"},
-    }
-    assert set(properties) == set(Step.model_fields), "schema drifted from Step"
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties),
-        "additionalProperties": False,
-    }
-
-
-def _text(max_length: int, text_lengths: bool) -> dict[str, Any]:
-    """A suggested text: a string of at most `max_length` characters, or null."""
-    schema: dict[str, Any] = {"type": ["string", "null"]}
-    return schema | {"maxLength": max_length} if text_lengths else schema
 
 
 @dataclass(frozen=True, slots=True)
