@@ -50,6 +50,17 @@ FIGURES: dict[str, list[tuple[str, ...]]] = {
         )
     ],
     "fairness": [("others_done_after_seconds", "max")],
+    "real_model": [
+        ("completed",),
+        ("failed_attempts",),
+        ("timeouts",),
+        ("first_step_seconds", "p50"),
+        ("first_step_seconds", "max"),
+        ("earliest_first_step_seconds",),
+        ("completion_tokens_per_plan", "p50"),
+        ("model_seconds_per_plan", "p50"),
+        ("insert_to_finish_seconds", "max"),
+    ],
 }
 
 

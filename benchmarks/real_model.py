@@ -120,6 +120,8 @@ def summary(dsn: str, seen: dict[str, Any], log: str, requests: int) -> dict[str
         "unfinished": sum(1 for r in per_request if r["status"] not in ("completed", "failed")),
         "timeout_seconds": TIMEOUT_SECONDS,
         "first_step_seconds": _spread(list(seen["first_step"].values())),
+        # The first step any user saw: the two slots' first answers, not queued behind others.
+        "earliest_first_step_seconds": _round(min(seen["first_step"].values(), default=None)),
         "completion_tokens_per_plan": _spread(
             [r["completion_tokens"] for r in completed if r["completion_tokens"] is not None]
         ),
