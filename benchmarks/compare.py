@@ -24,6 +24,12 @@ from benchmarks.workloads import FULL, QUICK, Bench
 # The figures worth comparing, by workload.
 FIGURES: dict[str, list[tuple[str, ...]]] = {
     "w1": [("to_llm_ms", "p50"), ("to_llm_ms", "p99"), ("to_claim_ms", "p50")],
+    "w1_breakdown": [
+        ("to_claim_ms", "p50"),
+        ("to_planner_ms", "p50"),
+        ("to_llm_ms", "p50"),
+        ("to_llm_ms", "p99"),
+    ],
     "w2_template": [
         ("requests_per_second",),
         ("worker_cpu_ms_per_request",),

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dashboard, first_step, fleet, limits, real_model, workloads
+from benchmarks import breakdown, dashboard, first_step, fleet, limits, real_model, workloads
 from benchmarks.chart import w1_chart
 from benchmarks.harness import BenchError, LLMServer, Postgres, clean_directory, machine
 from benchmarks.workloads import FULL, QUICK, Bench
@@ -35,6 +35,7 @@ CHART = HERE.parent / "docs" / "bench-w1-latency.png"
 WORKLOADS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "w1": workloads.pickup_latency,
     "w1_baseline": lambda b: workloads.pickup_latency(b, baseline=True),
+    "w1_breakdown": breakdown.breakdown,
     "w2_template": lambda b: workloads.drain(b, "template"),
     "w2_openai": lambda b: workloads.drain(b, "openai"),
     "w3": workloads.slow_model,
@@ -168,6 +169,17 @@ ROWS = [
         ("w1", "to_claim_ms", "p99"),
         ("w1_baseline", "to_claim_ms", "p99"),
     ),
+    # W1 again with traces exported: the planner's start is its model-call span's start.
+    Row("W1 traced: commit → claim, p50", "ms", ("w1_breakdown", "to_claim_ms", "p50")),
+    Row(
+        "W1 traced: commit → planner start, p50",
+        "ms",
+        ("w1_breakdown", "to_planner_ms", "p50"),
+        None,
+        "<=",
+        2.5,
+    ),
+    Row("W1 traced: commit → LLM call, p50", "ms", ("w1_breakdown", "to_llm_ms", "p50")),
     Row(
         "W2 drain, template planner",
         "req/s",
@@ -222,6 +234,14 @@ ROWS = [
     ),
     Row("Insert → first step readable, p50", "s", ("first_step", "first_step_seconds", "p50")),
     Row("Real model: requests completed (of 6)", "", ("real_model", "completed"), None, ">=", 5),
+    Row(
+        "Real model: insert → first step readable, earliest",
+        "s",
+        ("real_model", "earliest_first_step_seconds"),
+        None,
+        "<=",
+        15,
+    ),
     Row(
         "Real model: insert → first step readable, max",
         "s",

@@ -144,14 +144,23 @@ class Bench:
 
 def pickup_latency(bench: Bench, *, baseline: bool = False) -> dict[str, Any]:
     """Requests inserted one at a time at a steady rate: commit -> LLM call, commit -> claim."""
+    result, _ = timed_pickups(bench, baseline=baseline)
+    return result
+
+
+def timed_pickups(
+    bench: Bench, *, baseline: bool = False, env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], dict[int, float]]:
+    """W1's figures, and each measured request's commit time by request id (`env`: the
+    worker's extra environment, e.g. a traces endpoint)."""
     sizes = bench.sizes
     count = sizes.baseline_w1_requests if baseline else sizes.w1_requests
     warmup = 1 if baseline else sizes.w1_warmup
-    label = "w1_baseline" if baseline else "w1_planbus"
+    label = "w1_baseline" if baseline else "w1_traced" if env else "w1_planbus"
     _, dsn = bench.database(label)
     leads = seed(dsn, warmup + count, pending=False)
     bench.llm.configure(delay=0.0)
-    worker = bench.baseline(dsn, label) if baseline else bench.planbus(dsn, label)
+    worker = bench.baseline(dsn, label) if baseline else bench.planbus(dsn, label, env=env)
     committed: dict[int, tuple[int, float]] = {}  # key -> (request id, commit time)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -177,7 +186,7 @@ def pickup_latency(bench: Bench, *, baseline: bool = False) -> dict[str, Any]:
         worker.stop()
     to_llm = [(arrivals[key] - at) * 1000 for key, (_, at) in committed.items()]
     to_claim = [(claimed[rid] - at) * 1000 for rid, at in committed.values()]
-    return {
+    result = {
         "requests": count,
         "rate_per_second": sizes.w1_rate,
         "warmup_requests": warmup,
@@ -186,6 +195,7 @@ def pickup_latency(bench: Bench, *, baseline: bool = False) -> dict[str, Any]:
         "samples_to_llm_ms": [round(x, 3) for x in to_llm],
         "samples_to_claim_ms": [round(x, 3) for x in to_claim],
     }
+    return result, dict(committed.values())
 
 
 def _insert(conn: psycopg.Connection[Any], leads: dict[int, int], key: int) -> tuple[int, float]:

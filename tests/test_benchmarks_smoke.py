@@ -36,6 +36,7 @@ def test_quick_benchmark_prints_the_table_and_writes_the_json(tmp_path: Path) ->
     assert set(ran) == {
         "w1",
         "w1_baseline",
+        "w1_breakdown",
         "w2_template",
         "w2_openai",
         "w3",
@@ -50,6 +51,11 @@ def test_quick_benchmark_prints_the_table_and_writes_the_json(tmp_path: Path) ->
     assert ran["w2_template"]["effects"]["completed"] == ran["w2_template"]["requests"]
     assert ran["w2_openai"]["effects"]["events"] == ran["w2_openai"]["requests"]
     assert ran["recovery"]["false_takeovers"] == 0
+    # Every measured request's model-call span arrived, and the stages come in order.
+    breakdown = ran["w1_breakdown"]
+    assert breakdown["spans_missing"] == 0
+    stages = [breakdown[f"to_{stage}_ms"]["p50"] for stage in ("claim", "planner", "llm")]
+    assert stages == sorted(stages)
     assert 0 < ran["first_step"]["steps_seen_before_completion"]
     assert ran["first_step"]["progress_writes_per_request"] <= ran["first_step"]["steps"] + 1
     assert all(entry["planbus"] is not None for entry in report["table"])
