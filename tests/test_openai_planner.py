@@ -417,9 +417,9 @@ async def test_json_schema_rejection_falls_back_to_json_mode_once(
             "type": "invalid_request_error",
         }
     }
-    # Refused as sent (positional), as the item schema and without text lengths too: JSON mode
-    # from then on.
-    llm.script(*[Reply(status=400, body=refusal)] * 3)
+    # Refusals that name no keyword: each schema once (positional and item, with and without
+    # text lengths), then JSON mode from then on.
+    llm.script(*[Reply(status=400, body=refusal)] * 4)
     lead = await database.insert_lead()
     async with openai_worker(database):
         first = await database.wait_for(await database.insert_request(lead))
@@ -428,9 +428,9 @@ async def test_json_schema_rejection_falls_back_to_json_mode_once(
     assert first["status"] == second["status"] == "completed"
     assert first["attempts"] == 1
     formats = [call.body["response_format"] for call in llm.calls]
-    assert [f["type"] for f in formats] == ["json_schema"] * 3 + ["json_object"] * 2
+    assert [f["type"] for f in formats] == ["json_schema"] * 4 + ["json_object"] * 2
     # JSON mode carries the schema in the prompt instead.
-    assert json.dumps(plan_json_schema()) in llm.calls[3].body["messages"][0]["content"]
+    assert json.dumps(plan_json_schema()) in llm.calls[4].body["messages"][0]["content"]
     warnings = [r for r in caplog.records if "JSON mode" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING

@@ -25,7 +25,12 @@ from planbus.llm.plan import (
     validate_plan,
 )
 from planbus.llm.planner import template_steps
-from planbus.llm.schema import plan_json_schema, positional_plan_json_schema
+from planbus.llm.schema import (
+    after_refusal,
+    plan_json_schema,
+    positional_plan_json_schema,
+    schema_ladder,
+)
 from tests.helpers import Database, running_worker
 from tests.llm_server import FakeLLM, Reply
 
@@ -60,7 +65,9 @@ TYPES = {
 
 
 def conforms(schema: dict[str, Any], value: Any, root: dict[str, Any] | None = None) -> bool:
-    """Does `value` match `schema`? Only the keywords in KEYWORDS, as JSON Schema defines them."""
+    """Does `value` match `schema`? Only the keywords in KEYWORDS, as JSON Schema defines them,
+    but two: `const` also compares types (1.0 is not 1: `StrictInt`), and `prefixItems` is read
+    alone (the strict-mode test below keeps `items` from ever standing beside it)."""
     root = schema if root is None else root
     if "$ref" in schema:
         return conforms(root["$defs"][schema["$ref"].removeprefix("#/$defs/")], value, root)
@@ -273,7 +280,7 @@ OPENAI_REFUSES_LENGTHS = {
 async def test_a_server_that_refuses_text_lengths_gets_the_schema_without_them_from_then_on(
     database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    llm.script(*[Reply(status=400, body=OPENAI_REFUSES_LENGTHS)] * 2)
+    llm.script(Reply(status=400, body=OPENAI_REFUSES_LENGTHS))
     lead = await database.insert_lead()
     async with running_worker(database.url, planner="openai"):
         first = await database.wait_for(await database.insert_request(lead))
@@ -282,9 +289,65 @@ async def test_a_server_that_refuses_text_lengths_gets_the_schema_without_them_f
     assert first["status"] == second["status"] == "completed"
     assert first["attempts"] == 1
     schemas = [call.body["response_format"]["json_schema"]["schema"] for call in llm.calls]
-    # The positional schema has text lengths too: refused, then the item schema, then none.
-    llm_schemas = [positional_plan_json_schema(), plan_json_schema(), plan_json_schema(False)]
-    assert schemas == [*llm_schemas, plan_json_schema(False)]
+    # The refusal names maxLength: every schema with text lengths is skipped, the positional
+    # one kept (one refused call, not one per schema that has lengths).
+    unbounded = positional_plan_json_schema(text_lengths=False)
+    assert schemas == [positional_plan_json_schema(), unbounded, unbounded]
+    assert not [n for n in walk(unbounded) if "maxLength" in n or "minLength" in n]
     warnings = [r for r in caplog.records if "without text lengths" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
+
+
+OPENAI_REFUSES_TUPLES = {
+    "error": {
+        "message": "Invalid schema for response_format 'engagement_plan': In context=("
+        "'properties', 'steps', 'anyOf', '0'), 'prefixItems' is not permitted.",
+        "type": "invalid_request_error",
+        "param": "response_format",
+    }
+}
+
+
+@pytest.mark.anyio
+async def test_a_server_that_refuses_the_positional_shape_gets_the_item_schema_from_then_on(
+    database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm.script(Reply(status=400, body=OPENAI_REFUSES_TUPLES))
+    lead = await database.insert_lead()
+    async with running_worker(database.url, planner="openai"):
+        first = await database.wait_for(await database.insert_request(lead))
+        second = await database.wait_for(await database.insert_request(lead))
+
+    assert first["status"] == second["status"] == "completed"
+    assert first["attempts"] == 1
+    schemas = [call.body["response_format"]["json_schema"]["schema"] for call in llm.calls]
+    assert schemas == [positional_plan_json_schema(), plan_json_schema(), plan_json_schema()]
+    (warning,) = [r for r in caplog.records if "rejected the positional schema" in r.getMessage()]
+    assert "sending the item schema from now on" in warning.getMessage()
+
+
+POSITIONAL, ITEM = "the positional schema", "the item schema"
+UNBOUNDED = " without text lengths"
+
+
+@pytest.mark.parametrize(
+    ("detail", "left"),
+    [
+        ("'maxLength' is not permitted", [POSITIONAL + UNBOUNDED, ITEM + UNBOUNDED]),
+        ("'prefixItems' is not permitted", [ITEM, ITEM + UNBOUNDED]),
+        ("'const' and 'minLength' are not permitted", [ITEM + UNBOUNDED]),
+        ("invalid schema", [POSITIONAL + UNBOUNDED, ITEM, ITEM + UNBOUNDED]),
+    ],
+)
+def test_a_refusal_skips_every_schema_that_carries_what_it_names(
+    detail: str, left: list[str]
+) -> None:
+    ladder = schema_ladder()
+    assert [step.name for step in ladder] == [
+        POSITIONAL,
+        POSITIONAL + UNBOUNDED,
+        ITEM,
+        ITEM + UNBOUNDED,
+    ]
+    assert [step.name for step in after_refusal(ladder, ladder[0], detail)] == left

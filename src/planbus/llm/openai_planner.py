@@ -34,7 +34,7 @@ from planbus.llm.openai_stream import (
 )
 from planbus.llm.plan import InvalidPlan, Lead, Plan, validate_plan
 from planbus.llm.prompt import load_prompt, user_message
-from planbus.llm.schema import plan_json_schema, positional_plan_json_schema
+from planbus.llm.schema import SchemaStep, after_refusal, plan_json_schema, schema_ladder
 
 if TYPE_CHECKING:
     from openai.types.chat.completion_create_params import ResponseFormat
@@ -101,19 +101,17 @@ class OpenAIPlanner:
             f"{self._system_prompt}\nAnswer with one JSON object that matches this JSON "
             f"Schema:\n{json.dumps(schema)}\n"
         )
-        # The positional schema first; a server that refuses it (`prefixItems`, `const`) gets
-        # the item schema, one that refuses that (some refuse `maxLength`) the item schema
-        # without text lengths, and one that refuses that, JSON mode. See `llm/schema.py`.
-        self._schema_formats: list[tuple[str, ResponseFormat]] = [
+        # The positional schema first, then the item schema, each with text lengths and then
+        # without; a server that refuses them all gets JSON mode. See `llm/schema.py`.
+        self._ladder: list[tuple[SchemaStep, ResponseFormat]] = [
             (
-                what,
-                {"type": "json_schema", "json_schema": {"name": NAME, "strict": True, "schema": s}},
+                step,
+                {
+                    "type": "json_schema",
+                    "json_schema": {"name": NAME, "strict": True, "schema": step.schema},
+                },
             )
-            for what, s in (
-                ("the positional schema", positional_plan_json_schema()),
-                ("the item schema", schema),
-                ("the item schema without text lengths", plan_json_schema(text_lengths=False)),
-            )
+            for step in schema_ladder()
         ]
         self._streaming_supported = True
         self._empty_streams = 0
@@ -131,8 +129,8 @@ class OpenAIPlanner:
 
     async def _ask(self, lead: Lead, on_progress: ProgressCallback | None) -> str:
         user = user_message(lead)
-        while self._schema_formats:
-            response_format = self._schema_formats[0][1]
+        while self._ladder:
+            response_format = self._ladder[0][1]
             try:
                 return await self._complete(self._system_prompt, user, response_format, on_progress)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
@@ -232,17 +230,20 @@ class OpenAIPlanner:
             log.warning("a streamed answer carried no content; asking for a whole answer instead")
 
     def _fall_back(self, refused: ResponseFormat, exc: openai.APIStatusError) -> None:
-        """Drop a refused schema (once, however many calls saw it refused)."""
-        kept = [entry for entry in self._schema_formats if entry[1] is not refused]
-        if len(kept) == len(self._schema_formats):
+        """Step down from a refused schema (once, however many calls saw it refused)."""
+        step = next((step for step, sent in self._ladder if sent is refused), None)
+        if step is None:
             return
-        self._schema_formats = kept
+        detail = server_detail(exc, self._secret) or "no details"
+        left = after_refusal([s for s, _ in self._ladder], step, _error_text(exc))
+        self._ladder = [(s, sent) for s, sent in self._ladder if s in left]
         log.warning(
-            "the LLM server rejected a JSON-schema response_format (HTTP %d: %s); %s",
+            "the LLM server rejected %s as response_format (HTTP %d: %s); %s",
+            step.name,
             exc.status_code,
-            server_detail(exc, self._secret) or "no details",
-            f"sending {kept[0][0]} from now on"
-            if kept
+            detail,
+            f"sending {left[0].name} from now on"
+            if left
             else "using JSON mode plus validation from now on",
         )
 
@@ -313,7 +314,8 @@ def _stale_connection(exc: BaseException) -> bool:
 def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
     """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
     text = _error_text(exc)
-    return "json_schema" in text or "response_format" in text
+    # llama-server: "JSON schema conversion failed" for a schema its converter cannot read.
+    return any(word in text for word in ("json_schema", "json schema", "response_format"))
 
 
 def _rejects_streaming(exc: openai.APIStatusError) -> bool:

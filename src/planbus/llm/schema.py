@@ -7,16 +7,17 @@ plan that breaks one is rejected, never repaired.
 
 Two shapes. The positional schema, sent first, spells the steps out by position (`prefixItems`,
 one tuple per length 1..10): step k can only carry `step_id` k, and step 1 is for today
-(`delay_days` 0). On llama.cpp's `llama-server` a 135M model otherwise numbered its steps from 2
-or 3 in a third of its answers (`python -m benchmarks.run --only real_model`), which no keyword
-on a single item can prevent. The item schema (`plan_json_schema`) says the same rules on every
-step alike, for a server that refuses the positional one (its refusal names `response_format`,
-and the planner steps down once, see `OpenAIPlanner._fall_back`). Neither can say that delays
-never decrease.
+(`delay_days` 0, a nudge for the model rather than a rule). On llama.cpp's `llama-server` a 135M
+model otherwise numbered its steps from anywhere between 2 and 8 in about a third of its answers
+(`python -m benchmarks.run --only real_model`), which no keyword on a single item can prevent.
+The item schema (`plan_json_schema`) says the same rules on every step alike, for a server that
+refuses the positional one: `schema_ladder` is the order they are tried in, `after_refusal` the
+step down. Neither can say that delays never decrease.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, get_args
 
 from planbus.llm.plan import MAX_CONNECT_TEXT, MAX_DELAY_DAYS, MAX_STEPS, ActionType, Step
@@ -54,7 +55,7 @@ def plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
     )
 
 
-def positional_plan_json_schema() -> dict[str, Any]:
+def positional_plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
     """The positional schema: step k is one of `$defs.step_k`, whose `step_id` is the constant k.
 
     One tuple per length (`prefixItems` with `minItems` = `maxItems`: llama.cpp reads a tuple as
@@ -62,9 +63,9 @@ def positional_plan_json_schema() -> dict[str, Any]:
     position shares are written once under `$defs` and referred to, so the schema stays about
     twice the item schema's size rather than ten times.
     """
-    shared = _fields({}, text_lengths=True)
+    shared = _fields({}, text_lengths)
     del shared["step_id"]
-    texts = _texts(text_lengths=True)
+    texts = _texts(text_lengths)
     defs: dict[str, Any] = shared | {f"{kind}_text": text for kind, text in texts.items()}
     refs = {name: {"$ref": f"#/$defs/{name}"} for name in shared}
     text_refs = {kind: {"$ref": f"#/$defs/{kind}_text"} for kind in texts}
@@ -83,6 +84,51 @@ def positional_plan_json_schema() -> dict[str, Any]:
         for length in range(1, MAX_STEPS + 1)
     ]
     return _root({"type": "array", "anyOf": tuples}) | {"$defs": defs}
+
+
+# What a refusal names when it refuses the positional shape, or the text lengths (lower case).
+POSITIONAL_WORDS = ("prefixitems", "const", "$ref", "$defs", "tuple")
+LENGTH_WORDS = ("maxlength", "minlength")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SchemaStep:
+    """One schema the planner may send, and what in it a server may refuse (equal only to
+    itself)."""
+
+    name: str  # for the log: "the positional schema", ...
+    schema: dict[str, Any]
+    positional: bool
+    text_lengths: bool
+
+
+def schema_ladder() -> list[SchemaStep]:
+    """The schemas to send, best first: positional, then the item schema; each with text
+    lengths, then without (some servers refuse `maxLength`)."""
+    return [
+        SchemaStep(f"the {shape} schema{suffix}", build(lengths), shape == "positional", lengths)
+        for shape, build in (
+            ("positional", positional_plan_json_schema),
+            ("item", plan_json_schema),
+        )
+        for lengths, suffix in ((True, ""), (False, " without text lengths"))
+    ]
+
+
+def after_refusal(ladder: list[SchemaStep], refused: SchemaStep, detail: str) -> list[SchemaStep]:
+    """The steps left once a server refused `refused` saying `detail`: not the refused one, and
+    none that carries what the refusal names (text lengths, the positional shape), so a server
+    that refuses `maxLength` costs one refused call, not one per schema that has it."""
+    words = detail.lower()
+    lengths = any(word in words for word in LENGTH_WORDS)
+    positions = any(word in words for word in POSITIONAL_WORDS)
+    return [
+        step
+        for step in ladder
+        if step is not refused
+        and not (lengths and step.text_lengths)
+        and not (positions and step.positional)
+    ]
 
 
 def _root(steps: dict[str, Any]) -> dict[str, Any]:
