@@ -266,21 +266,47 @@ async def test_a_plan_with_decreasing_delays_from_the_server_is_never_stored(
 
 # -- a server that refuses part of the schema --------------------------------------------------
 
-OPENAI_REFUSES_LENGTHS = {
-    "error": {
-        "message": "Invalid schema for response_format 'engagement_plan': In context=("
-        "'properties', 'description'), 'maxLength' is not permitted.",
-        "type": "invalid_request_error",
-        "param": "response_format",
+
+def openai_refusal(context: str, keyword: str) -> dict[str, Any]:
+    """OpenAI's strict mode refusing a keyword of the schema (HTTP 400)."""
+    return {
+        "error": {
+            "message": "Invalid schema for response_format 'engagement_plan': In context=("
+            f"{context}), '{keyword}' is not permitted.",
+            "type": "invalid_request_error",
+            "param": "response_format",
+        }
     }
-}
 
 
 @pytest.mark.anyio
-async def test_a_server_that_refuses_text_lengths_gets_the_schema_without_them_from_then_on(
-    database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("refusal", "then", "sending"),
+    [
+        # The refusal names maxLength: every schema with text lengths is skipped, the positional
+        # one kept (one refused call, not one per schema that has lengths).
+        (
+            openai_refusal("'properties', 'description'", "maxLength"),
+            positional_plan_json_schema(text_lengths=False),
+            "the positional schema without text lengths",
+        ),
+        (
+            openai_refusal("'properties', 'steps', 'anyOf', '0'", "prefixItems"),
+            plan_json_schema(),
+            "the item schema",
+        ),
+    ],
+    ids=["maxLength", "prefixItems"],
+)
+async def test_a_server_that_refuses_a_keyword_gets_a_schema_without_it_from_then_on(
+    database: Database,
+    llm: FakeLLM,
+    caplog: pytest.LogCaptureFixture,
+    refusal: dict[str, Any],
+    then: dict[str, Any],
+    sending: str,
 ) -> None:
-    llm.script(Reply(status=400, body=OPENAI_REFUSES_LENGTHS))
+    llm.script(Reply(status=400, body=refusal))
     lead = await database.insert_lead()
     async with running_worker(database.url, planner="openai"):
         first = await database.wait_for(await database.insert_request(lead))
@@ -289,42 +315,15 @@ async def test_a_server_that_refuses_text_lengths_gets_the_schema_without_them_f
     assert first["status"] == second["status"] == "completed"
     assert first["attempts"] == 1
     schemas = [call.body["response_format"]["json_schema"]["schema"] for call in llm.calls]
-    # The refusal names maxLength: every schema with text lengths is skipped, the positional
-    # one kept (one refused call, not one per schema that has lengths).
-    unbounded = positional_plan_json_schema(text_lengths=False)
-    assert schemas == [positional_plan_json_schema(), unbounded, unbounded]
-    assert not [n for n in walk(unbounded) if "maxLength" in n or "minLength" in n]
-    warnings = [r for r in caplog.records if "without text lengths" in r.getMessage()]
-    assert len(warnings) == 1
-    assert warnings[0].levelno == logging.WARNING
-
-
-OPENAI_REFUSES_TUPLES = {
-    "error": {
-        "message": "Invalid schema for response_format 'engagement_plan': In context=("
-        "'properties', 'steps', 'anyOf', '0'), 'prefixItems' is not permitted.",
-        "type": "invalid_request_error",
-        "param": "response_format",
-    }
-}
-
-
-@pytest.mark.anyio
-async def test_a_server_that_refuses_the_positional_shape_gets_the_item_schema_from_then_on(
-    database: Database, llm: FakeLLM, caplog: pytest.LogCaptureFixture
-) -> None:
-    llm.script(Reply(status=400, body=OPENAI_REFUSES_TUPLES))
-    lead = await database.insert_lead()
-    async with running_worker(database.url, planner="openai"):
-        first = await database.wait_for(await database.insert_request(lead))
-        second = await database.wait_for(await database.insert_request(lead))
-
-    assert first["status"] == second["status"] == "completed"
-    assert first["attempts"] == 1
-    schemas = [call.body["response_format"]["json_schema"]["schema"] for call in llm.calls]
-    assert schemas == [positional_plan_json_schema(), plan_json_schema(), plan_json_schema()]
+    assert schemas == [positional_plan_json_schema(), then, then]
     (warning,) = [r for r in caplog.records if "rejected the positional schema" in r.getMessage()]
-    assert "sending the item schema from now on" in warning.getMessage()
+    assert warning.levelno == logging.WARNING
+    assert f"sending {sending} from now on" in warning.getMessage()
+
+
+def test_the_schemas_without_text_lengths_have_none() -> None:
+    for schema in (plan_json_schema(False), positional_plan_json_schema(False)):
+        assert not [n for n in walk(schema) if "maxLength" in n or "minLength" in n]
 
 
 POSITIONAL, ITEM = "the positional schema", "the item schema"
