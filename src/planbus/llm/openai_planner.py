@@ -314,7 +314,8 @@ def _stale_connection(exc: BaseException) -> bool:
 def _rejects_json_schema(exc: openai.APIStatusError) -> bool:
     """Does this 400/422 say the server cannot do a JSON-schema `response_format`?"""
     text = _error_text(exc)
-    # llama-server: "JSON schema conversion failed" for a schema its converter cannot read.
+    # llama-server names neither: "Unable to generate parser for this template. Automatic
+    # parser generation failed: JSON schema error at #/properties/a: cannot resolve $ref ...".
     return any(word in text for word in ("json_schema", "json schema", "response_format"))
 
 
