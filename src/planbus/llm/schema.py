@@ -60,8 +60,8 @@ def positional_plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
 
     One tuple per length (`prefixItems` with `minItems` = `maxItems`: llama.cpp reads a tuple as
     exactly its items, a JSON Schema validator needs the bounds to say so). The fields every
-    position shares are written once under `$defs` and referred to, so the schema stays about
-    twice the item schema's size rather than ten times.
+    position shares are written once under `$defs` and referred to. About 19 KB as sent (the
+    item schema: 2 KB), encoded once per process (`openai_body.BodyTemplates`).
     """
     shared = _fields({}, text_lengths)
     del shared["step_id"]
