@@ -72,7 +72,10 @@ def conforms(schema: dict[str, Any], value: Any, root: dict[str, Any] | None = N
     if "$ref" in schema:
         return conforms(root["$defs"][schema["$ref"].removeprefix("#/$defs/")], value, root)
     if "anyOf" in schema:
-        return any(conforms(branch, value, root) for branch in schema["anyOf"])
+        if not any(conforms(branch, value, root) for branch in schema["anyOf"]):
+            return False
+        if "type" not in schema:
+            return True  # nothing beside the branches
     if "const" in schema:
         return type(value) is type(schema["const"]) and bool(value == schema["const"])
     kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
@@ -81,6 +84,11 @@ def conforms(schema: dict[str, Any], value: Any, root: dict[str, Any] | None = N
         return False
     if "enum" in schema and value not in schema["enum"]:
         return False
+    return conforms_as(kind, schema, value, root)
+
+
+def conforms_as(kind: str, schema: dict[str, Any], value: Any, root: dict[str, Any]) -> bool:
+    """The keywords of one type: properties, items and counts, lengths, ranges."""
     if kind == "object":
         properties = schema["properties"]
         return set(value) == set(properties) and all(
@@ -154,6 +162,10 @@ async def test_the_first_schema_sent_is_the_positional_one(
         assert conforms(schema, {"steps": numbered[:length]})
     assert not conforms(schema, {"steps": []})
     assert not conforms(schema, {"steps": [s | {"step_id": k} for k, s in enumerate(steps * 2, 1)]})
+    # Beside the tuples, the item schema's bounds: for a converter that reads only those.
+    sent_steps = schema["properties"]["steps"]
+    assert (sent_steps["minItems"], sent_steps["maxItems"]) == (1, MAX_STEPS)
+    assert len(sent_steps["items"]["anyOf"]) == 3
 
 
 def test_the_item_schema_bounds_counts_ranges_texts_and_each_kind_of_step() -> None:

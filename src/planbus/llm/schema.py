@@ -60,7 +60,7 @@ def positional_plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
 
     One tuple per length (`prefixItems` with `minItems` = `maxItems`: llama.cpp reads a tuple as
     exactly its items, a JSON Schema validator needs the bounds to say so). The fields every
-    position shares are written once under `$defs` and referred to. About 19 KB as sent (the
+    position shares are written once under `$defs` and referred to. About 21 KB as sent (the
     item schema: 2 KB), encoded once per process (`openai_body.BodyTemplates`).
     """
     shared = _fields({}, text_lengths)
@@ -83,7 +83,18 @@ def positional_plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
         }
         for length in range(1, MAX_STEPS + 1)
     ]
-    return _root({"type": "array", "anyOf": tuples}) | {"$defs": defs}
+    # Beside the tuples, the item schema's bounds on every step (by reference): a validator
+    # applies both, llama.cpp reads `anyOf` first (checked on the real server), and a
+    # converter that skips `anyOf` or `prefixItems` still bounds every step.
+    step_id = {"type": "integer", "minimum": 1, "maximum": MAX_STEPS}
+    steps = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": MAX_STEPS,
+        "items": {"anyOf": _kinds(refs | {"step_id": step_id}, text_refs)},
+        "anyOf": tuples,
+    }
+    return _root(steps) | {"$defs": defs}
 
 
 # What a refusal names when it refuses the positional shape, or the text lengths (lower case).
