@@ -23,6 +23,7 @@ from psycopg.conninfo import make_conninfo
 from planbus.ops import embedded_access, migrate
 from planbus.ops.embedded import EmbeddedPostgres
 from tests.helpers import Database
+from tests.llm_server import FakeLLM
 from tests.pgbouncer import PgBouncer
 from tests.pgbouncer import program as pgbouncer_program
 
@@ -192,3 +193,19 @@ def settings_for(database_url: str, **overrides: Any) -> dict[str, Any]:
     }
     values.update(overrides)
     return values
+
+
+@pytest.fixture
+def llm_api_key() -> str:
+    """The key the `llm` fixture puts in OPENAI_API_KEY; a module that looks for its key in
+    logs and rows overrides this fixture with a key of its own."""
+    return "sk-test"
+
+
+@pytest.fixture
+def llm(monkeypatch: pytest.MonkeyPatch, llm_api_key: str) -> Iterator[FakeLLM]:
+    """The tests' OpenAI-compatible server, with the SDK's environment pointing at it."""
+    with FakeLLM() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", llm_api_key)
+        yield server

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -19,12 +19,10 @@ from tests.llm_server import FakeLLM, Reply
 
 
 @pytest.fixture
-def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
-    """The fake model, answering every call after 0.5 s."""
-    with FakeLLM(default=Reply(delay=0.5)) as server:
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        yield server
+def llm(llm: FakeLLM) -> FakeLLM:
+    """The shared fake model (conftest.py), answering every call after 0.5 s."""
+    llm.default = Reply(delay=0.5)
+    return llm
 
 
 @asynccontextmanager

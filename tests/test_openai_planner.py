@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, get_args
 
 import pytest
@@ -68,12 +68,9 @@ MODEL_STEPS: list[dict[str, Any]] = [
 
 
 @pytest.fixture
-def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
-    """The fake server, with the SDK's environment pointing at it."""
-    with FakeLLM() as server:
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-        yield server
+def llm_api_key() -> str:
+    """The key the shared `llm` fixture sends (conftest.py): this module looks for it."""
+    return API_KEY
 
 
 def openai_worker(database: Database, **overrides: Any) -> Any:

@@ -125,14 +125,6 @@ def plan(**changes: Any) -> dict[str, Any]:
     return {"steps": steps}
 
 
-@pytest.fixture
-def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
-    with FakeLLM() as server:
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        yield server
-
-
 async def one_request(database: Database, **overrides: Any) -> dict[str, Any]:
     lead = await database.insert_lead()
     async with running_worker(database.url, planner="openai", **overrides):

@@ -9,7 +9,6 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,14 +151,6 @@ async def test_every_end_of_a_claim_clears_the_progress(
 
 FIRST = [{**step, "description": f"First try: {step['description']}"} for step in STEPS]
 SECOND = [{**step, "description": f"Second try: {step['description']}"} for step in STEPS]
-
-
-@pytest.fixture
-def llm(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
-    with FakeLLM() as server:
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        yield server
 
 
 def openai_worker(database: Database, **overrides: Any) -> Any:
