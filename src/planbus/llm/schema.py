@@ -34,6 +34,8 @@ SCHEMA_TIMING = 40
 COMMENT: list[str] = ["linkedin_comment"]
 CONNECT: list[str] = ["linkedin_connect"]
 OTHERS: list[str] = [a for a in get_args(ActionType) if a not in (*COMMENT, *CONNECT)]
+# A step's id wherever its position is not spelled out.
+ANY_STEP_ID: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_STEPS}
 
 
 def plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
@@ -44,13 +46,13 @@ def plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
     `suggested_text: null` and a `linkedin_connect` text at most 200 characters.
     `text_lengths=False` leaves out `minLength`/`maxLength`, for a server that refuses them.
     """
-    step_id = {"type": "integer", "minimum": 1, "maximum": MAX_STEPS}
+    fields = {"step_id": ANY_STEP_ID} | _fields(text_lengths)
     return _root(
         {
             "type": "array",
             "minItems": 1,
             "maxItems": MAX_STEPS,
-            "items": {"anyOf": _kinds(_fields(step_id, text_lengths), _texts(text_lengths))},
+            "items": {"anyOf": _kinds(fields, _texts(text_lengths))},
         }
     )
 
@@ -63,8 +65,7 @@ def positional_plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
     position shares are written once under `$defs` and referred to. About 21 KB as sent (the
     item schema: 2 KB), encoded once per process (`openai_body.BodyTemplates`).
     """
-    shared = _fields({}, text_lengths)
-    del shared["step_id"]
+    shared = _fields(text_lengths)
     texts = _texts(text_lengths)
     defs: dict[str, Any] = shared | {f"{kind}_text": text for kind, text in texts.items()}
     refs = {name: {"$ref": f"#/$defs/{name}"} for name in shared}
@@ -86,12 +87,11 @@ def positional_plan_json_schema(text_lengths: bool = True) -> dict[str, Any]:
     # Beside the tuples, the item schema's bounds on every step (by reference): a validator
     # applies both, llama.cpp reads `anyOf` first (checked on the real server), and a
     # converter that skips `anyOf` or `prefixItems` still bounds every step.
-    step_id = {"type": "integer", "minimum": 1, "maximum": MAX_STEPS}
     steps = {
         "type": "array",
         "minItems": 1,
         "maxItems": MAX_STEPS,
-        "items": {"anyOf": _kinds(refs | {"step_id": step_id}, text_refs)},
+        "items": {"anyOf": _kinds(refs | {"step_id": ANY_STEP_ID}, text_refs)},
         "anyOf": tuples,
     }
     return _root(steps) | {"$defs": defs}
@@ -151,15 +151,14 @@ def _root(steps: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fields(step_id: dict[str, Any], text_lengths: bool) -> dict[str, Any]:
-    """A step's fields but its text, in the order the model is to write them."""
+def _fields(text_lengths: bool) -> dict[str, Any]:
+    """A step's fields but its id and its text (`_step` sets the order the model writes them)."""
     description: dict[str, Any] = {"type": "string"}
     timing: dict[str, Any] = {"type": "string"}
     if text_lengths:
         description |= {"minLength": 1, "maxLength": SCHEMA_DESCRIPTION}
         timing |= {"maxLength": SCHEMA_TIMING}
     return {
-        "step_id": step_id,
         "description": description,
         "timing": timing,
         "delay_days": {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_DAYS},
